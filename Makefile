@@ -1,0 +1,34 @@
+# satloc: the two commands a newcomer needs are `make demo` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-$(shell sha256sum pyproject.toml | cut -c1-16)
+DEMO_DIR ?= demo_out
+
+.PHONY: venv test demo bench quality clean-venv
+
+venv: $(STAMP)
+
+# Built once; rebuilt only when pyproject.toml changes (the stamp carries its hash).
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python jobs/demo.py --workdir $(DEMO_DIR)
+
+bench: venv
+	$(BIN)/python bench/bench_model.py
+
+quality: venv
+	$(BIN)/python bench/bench_quality.py
+
+clean-venv:
+	rm -rf $(VENV)

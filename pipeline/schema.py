@@ -1,0 +1,67 @@
+"""The Parquet contract of a localization run (DESIGN §3), in explicit pyarrow types.
+
+One row per input sample, bad samples included. DuckDB and pyarrow read these files
+plainly: no extension types, the map's grid shape lives in the file's key-value metadata.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+LOC_MAP_SHAPE_KEY = b"satloc.loc_map_shape"
+RUN_ID_KEY = b"satloc.run_id"
+
+BOX_TYPE = pa.struct(
+    [
+        ("x0", pa.float32()),
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("score", pa.float32()),
+    ]
+)
+
+
+def localize_schema(grid_h: int, grid_w: int, run_id: str = "") -> pa.Schema:
+    """Schema of one shard's output file for maps on a ``grid_h x grid_w`` patch grid."""
+    if grid_h <= 0 or grid_w <= 0:
+        raise ValueError(f"loc_map grid must be positive, got {grid_h}x{grid_w}")
+    fields = [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.int32()),
+        ("score", pa.float32()),
+        ("topk_labels", pa.list_(pa.int32())),
+        ("topk_scores", pa.list_(pa.float32())),
+        ("class_name", pa.string()),
+        ("loc_map", pa.list_(pa.uint8(), grid_h * grid_w)),
+        ("boxes", pa.list_(BOX_TYPE)),
+        ("box_x0", pa.float32()),
+        ("box_y0", pa.float32()),
+        ("box_x1", pa.float32()),
+        ("box_y1", pa.float32()),
+        ("fg_ratio", pa.float32()),
+        ("gt_label", pa.int32()),
+        ("gt_boxes", pa.list_(pa.list_(pa.float32()))),
+        ("model_sha256", pa.string()),
+        ("threshold", pa.float32()),
+    ]
+    metadata = {LOC_MAP_SHAPE_KEY: f"{grid_h},{grid_w}".encode()}
+    if run_id:
+        metadata[RUN_ID_KEY] = run_id.encode()
+    return pa.schema([pa.field(n, t) for n, t in fields], metadata=metadata)
+
+
+def loc_map_shape(schema: pa.Schema) -> tuple[int, int]:
+    """The (h, w) grid of the ``loc_map`` column, read from the file's metadata."""
+    meta = schema.metadata or {}
+    if LOC_MAP_SHAPE_KEY not in meta:
+        raise ValueError(
+            "Parquet file has no 'satloc.loc_map_shape' metadata: it was not written by "
+            "satloc's localize job (rerun jobs/localize_shards.py to produce it)"
+        )
+    h, w = (int(v) for v in meta[LOC_MAP_SHAPE_KEY].decode().split(","))
+    return h, w

@@ -1,0 +1,223 @@
+"""The training loop, free of Ray: what one worker does with a batch and an epoch.
+
+``jobs/train_sat.py`` runs this inside Ray Train workers; benchmarks and tests call it
+directly. Read top to bottom: config, model and optimiser, the step, the epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from model import SATLossConfig, create_model, sat_loss
+from model.factory import split_name
+from model.sat import SATVisionTransformer
+
+FREEZE_MODES = ("none", "token")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "sat_vit_micro_patch8_64"
+    num_classes: int = 10
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    epochs: int = 16
+    batch_size: int = 128  # global, across workers
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    alpha: float = 0.25
+    area_weight: float = 1.0
+    norm_weight: float = 1.0
+    area_mode: str = "batch"  # "batch" (official) or "image" (per-image area term)
+    spatial_loss_start: float = 0.0  # epochs before the area/normalization terms start
+    spatial_loss_ramp: float = 0.0  # epochs over which they ramp to full weight
+    backbone_lr_scale: float = 1.0
+    freeze: str = "none"
+    precision: str = "bf16"
+    seed: int = 0
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        split_name(self.model)
+        if self.freeze not in FREEZE_MODES:
+            raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {self.freeze!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch size and lr must be positive")
+
+    @property
+    def method(self) -> str:
+        return split_name(self.model)[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- model and optimiser ---------------------------------------------------------------
+
+TOKEN_PARAMS = ("spatial_token", "spatial_pos_embed")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "spatial_token", "spatial_pos_embed", "dist_token")
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, cfg.num_classes, pretrained=cfg.pretrained or False, **cfg.model_kwargs)
+    apply_freeze(model, cfg.freeze)
+    return model
+
+
+def reweighted_block_ids(model: nn.Module) -> list[int]:
+    if isinstance(model, SATVisionTransformer):
+        return list(range(len(model.blocks) - model.reweight_blocks, len(model.blocks)))
+    return []
+
+
+def is_token_or_head(name: str, model: nn.Module) -> bool:
+    """The parts SAT adds or re-learns: spatial token, its embedding, the head, gated blocks."""
+    if name.startswith(TOKEN_PARAMS) or name.startswith("head."):
+        return True
+    return any(name.startswith(f"blocks.{i}.") for i in reweighted_block_ids(model))
+
+
+def apply_freeze(model: nn.Module, mode: str) -> None:
+    """``token``: only the spatial token, its embedding, the head and the gated blocks train."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {mode!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "none" or is_token_or_head(name, model))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The official groups (no decay on 1-D params, biases, embeddings), and a backbone lr scale.
+
+    ``backbone_lr_scale`` applies to everything but the spatial token, its embedding, the
+    head and the gated blocks.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[0] in NO_DECAY_NAMES
+        backbone = not is_token_or_head(name, model)
+        groups.setdefault((no_decay, backbone), []).append(p)
+    out = []
+    for (no_decay, backbone), params in sorted(groups.items()):
+        scale = cfg.backbone_lr_scale if backbone else 1.0
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scale})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup, then cosine to zero: the schedule the official code built but never applied."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr * g.get("lr_scale", 1.0) * factor
+
+
+def spatial_scale(epoch_progress: float, start: float, ramp: float) -> float:
+    """Weight of the map terms at a (fractional) epoch: 0 before ``start``, ramping over ``ramp``."""
+    if epoch_progress < start:
+        return 0.0
+    if ramp <= 0:
+        return 1.0
+    return min(1.0, (epoch_progress - start) / ramp)
+
+
+# --- one step, one epoch ---------------------------------------------------------------
+
+def to_model_input(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    x = images_uint8.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    epoch: int,
+    steps_per_epoch: int,
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, float]:
+    """One epoch over (uint8 images, labels) batches; returns the epoch's mean metrics."""
+    model.train()
+    loss_cfg = SATLossConfig(
+        alpha=cfg.alpha, area_weight=cfg.area_weight, norm_weight=cfg.norm_weight, area_mode=cfg.area_mode
+    )
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    sums: dict[str, float] = {}
+    seen = 0
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(batches):
+        step = epoch * steps_per_epoch + i
+        set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps))
+        scale = spatial_scale(epoch + i / steps_per_epoch, cfg.spatial_loss_start, cfg.spatial_loss_ramp)
+        x = to_model_input(images.to(device), cfg.mean, cfg.std)
+        labels = labels.to(device)
+        with autocast_for(cfg.precision, device):
+            out = model(x)
+        if cfg.method == "sat":
+            parts = sat_loss(out.logits, out.loc_map, labels, loss_cfg, spatial_scale=scale)
+            loss, named = parts.total, {"ce": parts.ce, "area": parts.area, "norm": parts.norm}
+        else:
+            loss = nn.functional.cross_entropy(out.logits.float(), labels)
+            named = {"ce": loss.detach()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = labels.shape[0]
+        seen += n
+        batch_stats = {
+            "loss": loss.item(),
+            **{k: v.item() for k, v in named.items()},
+            "train_acc": (out.logits.argmax(1) == labels).float().mean().item(),
+            "map_area": out.loc_map.detach().float().mean().item(),
+        }
+        for k, v in batch_stats.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+    metrics = {k: v / max(seen, 1) for k, v in sums.items()}
+    metrics.update(images=seen, seconds=time.perf_counter() - start, spatial_scale=scale if seen else 0.0)
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, batches: Iterable[torch.Tensor], cfg: TrainConfig, device=torch.device("cpu")
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, loc_map) per batch of uint8 images, in eval mode."""
+    model.eval()
+    for images in batches:
+        with autocast_for(cfg.precision, device):
+            out = model(to_model_input(images.to(device), cfg.mean, cfg.std))
+        yield out.logits.float().cpu(), out.loc_map.float().cpu()
