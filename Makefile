@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	# compat: a .pth puts the repo root on sys.path, so scripts run from any directory
+	# (and Ray workers) import model/ and pipeline/ as regular packages.
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 test: venv

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures. Add new fixtures below; keep each one cleaning up after itself."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.local_store import LocalS3Store
+
+_AWS_VARS_TO_CLEAR = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def s3_store():
+    """One SeaweedFS S3 endpoint on 127.0.0.1 for the whole session, bucket 'satloc'.
+
+    It is started only when a test asks for it, and stopped (by PID) and removed at the
+    end. Tests that share it write under their own prefix (e.g. the test's name).
+    """
+    with LocalS3Store(bucket="satloc") as store:
+        yield store
+
+
+@pytest.fixture
+def s3_env(s3_store, monkeypatch):
+    """Point the AWS_* variables at the session store for one test; yields the store."""
+    for name in _AWS_VARS_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_store.env().items():
+        monkeypatch.setenv(name, value)
+    yield s3_store
