@@ -158,3 +158,22 @@ def test_cli_writes_shards_and_rejects_bad_input(tmp_path):
     assert s.image.size == (96, 96) and s.class_name in class_names("vehicles", 10)
     bad = subprocess.run(cmd[:-2] + ["--image-size", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "image_size must be in 32..512" in bad.stderr
+
+
+def test_plumage_family_moves_the_class_to_the_body():
+    """The pre-training family: the class is the plumage (hue and pattern), so the body's
+    mean colour tells the class's hue and the head's does not (the reverse of birds)."""
+    tr_part, tr_body, tr_y = _mean_colours("plumage", "fit", 2)
+    te_part, te_body, te_y = _mean_colours("plumage", "check", 1)
+    hue_of = class_attributes("plumage", 10)[0]
+    groups = np.unique(hue_of)
+    tr_g, te_g = np.searchsorted(groups, hue_of[tr_y]), np.searchsorted(groups, hue_of[te_y])
+
+    def accuracy(train, test):
+        centroids = np.stack([train[tr_g == k].mean(0) for k in range(len(groups))])
+        pred = np.argmin(((test[:, None] - centroids[None]) ** 2).sum(-1), 1)
+        return (pred == te_g).mean()
+
+    chance = 1 / len(groups)
+    assert accuracy(tr_body, te_body) > 0.8
+    assert accuracy(tr_part, te_part) < chance + 0.15
