@@ -104,6 +104,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared files
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -209,3 +210,9 @@ def check_writable(url: str) -> None:
         fs.rm_file(probe)
     except PermissionError:
         raise StorageError(f"cannot write {url}: permission denied") from None
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

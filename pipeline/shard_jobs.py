@@ -1,0 +1,40 @@
+"""What the driver sends an actor (``ShardJob``) and what comes back (``ShardResult``).
+
+Plain dataclasses in a module without torch, so the scheduler and its tests stay light.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to localize.
+
+    ``write_token`` identifies the run attempt. Without ``overwrite`` an existing output
+    means done; with it, an output carrying this run's token was written by an earlier
+    try of this same run (an actor that died after its write), so it is not redone.
+    """
+
+    shard_url: str
+    out_url: str
+    overwrite: bool = False
+    write_token: str = ""
+
+
+@dataclass
+class ShardResult:
+    shard_url: str
+    out_url: str
+    rows: int = 0
+    errors: int = 0
+    seconds: float = 0.0  # wall time inside the actor
+    skipped: bool = False  # output already there: nothing done
+    decode_wait_seconds: float = 0.0  # model stage waiting for decoded images
+    model_seconds: float = 0.0
+    write_seconds: float = 0.0
+    bytes_written: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.rows - self.errors
