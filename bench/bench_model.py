@@ -1,0 +1,252 @@
+"""SAT forward speed against plain DeiT, and map -> box speed against the official per-image path.
+
+Prints (never pass/fail):
+1. img/s of SAT DeiT-S (200 classes) and timm's plain ``deit_small_patch16_224`` (200
+   classes) at 224 px, same batch and threads, fp32 and bf16 autocast, and the time ratio
+   (target: SAT <= 1.10 x DeiT in bf16).
+2. Box extraction time per image: ``boxes_from_maps`` on batches of 14 x 14 maps for images
+   of random sizes around 300-500 px, against the official per-image path (per image: torch
+   bilinear resize, min-max normalise, threshold, ``skimage.measure.label`` with
+   connectivity 2, ``regionprops``, the largest region's bbox), whether both give the same
+   boxes, the speed ratio (target >= 5 x) and the box time as a share of DeiT-S bf16 model
+   time per image (target < 2 %).
+
+The machine is shared, so timing noise is real: the variants run interleaved in repeated
+rounds (alternating which goes first) and the figures are medians over rounds.
+
+    python bench/bench_model.py [--quick] [--threads N] [--batch 32] [--rounds R] [--only model|boxes]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from skimage.measure import label, regionprops  # noqa: E402
+
+from model import boxes_from_maps, create_model  # noqa: E402
+
+SAT_TARGET = 1.10  # SAT time / DeiT time in bf16, at most
+BOX_SPEEDUP_TARGET = 5.0  # official per-image time / boxes_from_maps time, at least
+BOX_SHARE_TARGET = 0.02  # boxes_from_maps time / DeiT-S bf16 model time per image, under
+
+
+# ---------------------------------------------------------------- 1. model forward
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without, autocast emulates."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_context(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def timed_forward(model: torch.nn.Module, x: torch.Tensor, precision: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward."""
+    with torch.inference_mode(), precision_context(precision):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model(x)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def bench_models(
+    batch: int, rounds: int, warmup: int, precisions: list[str], names: tuple[str, ...] = ("SAT", "DeiT")
+) -> dict[str, dict[str, float]]:
+    """Median wall seconds per batch for each (precision, model), the two models interleaved.
+
+    The CPU-time ratio is printed too: on a busy machine it moves less than wall time
+    (time spent descheduled does not count), so the two ratios together show the noise.
+    """
+    torch.manual_seed(0)
+    builders = {
+        "SAT": lambda: create_model("sat_deit_small_patch16_224", 200),
+        "DeiT": lambda: timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=200),
+    }
+    models = {name: builders[name]().eval() for name in names}
+    x = torch.randn(batch, 3, 224, 224)
+    results: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        for model in models.values():
+            for _ in range(warmup):
+                timed_forward(model, x, precision)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        cpu: dict[str, list[float]] = {name: [] for name in models}
+        for r in range(rounds):
+            order = list(models) if r % 2 == 0 else list(reversed(models))
+            for name in order:
+                wall, cpu_time = timed_forward(models[name], x, precision)
+                times[name].append(wall)
+                cpu[name].append(cpu_time)
+        results[precision] = {name: statistics.median(t) for name, t in times.items()}
+        if set(models) != {"SAT", "DeiT"}:
+            print(f"  {precision:>4}: " + "   ".join(
+                f"{name} {batch / t:6.1f} img/s ({t:.3f} s/batch)" for name, t in results[precision].items()
+            ), flush=True)
+            continue
+        sat, deit = results[precision]["SAT"], results[precision]["DeiT"]
+        cpu_ratio = statistics.median(cpu["SAT"]) / statistics.median(cpu["DeiT"])
+        spread = {name: (min(t), max(t)) for name, t in times.items()}
+        print(
+            f"  {precision:>4}: SAT {batch / sat:6.1f} img/s ({sat:.3f} s/batch, range "
+            f"{spread['SAT'][0]:.3f}-{spread['SAT'][1]:.3f})   DeiT {batch / deit:6.1f} img/s "
+            f"({deit:.3f} s/batch, range {spread['DeiT'][0]:.3f}-{spread['DeiT'][1]:.3f})   "
+            f"SAT/DeiT wall time {sat / deit:.3f}, CPU time {cpu_ratio:.3f}",
+            flush=True,
+        )
+    return results
+
+
+# ---------------------------------------------------------------- 2. boxes
+
+
+def smooth_maps(rng: np.random.Generator, n: int, grid: int = 14) -> torch.Tensor:
+    """SAT-like maps: one to three soft blobs through a sigmoid, values in (0, 1)."""
+    yy, xx = np.mgrid[0:grid, 0:grid]
+    maps = np.zeros((n, 1, grid, grid))
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, s = rng.uniform(0, grid), rng.uniform(0, grid), rng.uniform(1.0, 4.0)
+            maps[i, 0] += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        maps[i, 0] += rng.normal(0, 0.05, (grid, grid))
+    return torch.from_numpy(1 / (1 + np.exp(-(4 * maps - 2)))).float()
+
+
+def official_boxes(loc_maps: torch.Tensor, image_sizes, threshold: float) -> list[tuple[int, int, int, int]]:
+    """The official evaluation's rule, one image at a time."""
+    boxes = []
+    for loc_map, (width, height) in zip(loc_maps, image_sizes):
+        up = F.interpolate(loc_map[None].float(), size=(height, width), mode="bilinear", align_corners=False)
+        up = up[0, 0].numpy()
+        lo, hi = up.min(), up.max()
+        norm = (up - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(up)
+        regions = regionprops(label(norm >= threshold, connectivity=2))
+        if not regions:
+            boxes.append((0, 0, width, height))
+            continue
+        r = max(regions, key=lambda region: region.area)  # first of the largest, in label order
+        min_row, min_col, max_row, max_col = r.bbox
+        boxes.append((min_col, min_row, max_col, max_row))
+    return boxes
+
+
+def bench_boxes(batch: int, n_batches: int, rounds: int, threshold: float, kind: str) -> tuple[float, float, int, int]:
+    """Median seconds per image (boxes_from_maps, official) and (same boxes, images)."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(n_batches):
+        if kind == "smooth":
+            maps = smooth_maps(rng, batch)
+        else:  # uniform noise: many small components, the labelling's worst case
+            maps = torch.from_numpy(rng.random((batch, 1, 14, 14), dtype=np.float32))
+        sizes = [(int(rng.integers(300, 501)), int(rng.integers(300, 501))) for _ in range(batch)]
+        batches.append((maps, sizes))
+
+    # Same boxes?
+    same = total = 0
+    for maps, sizes in batches:
+        ours = boxes_from_maps(maps, sizes, threshold, mode="largest")
+        theirs = official_boxes(maps, sizes, threshold)
+        for box, ref in zip(ours, theirs):
+            same += tuple(int(v) for v in box[0, :4].tolist()) == ref
+            total += 1
+
+    for maps, sizes in batches[:1]:  # warm up both
+        boxes_from_maps(maps, sizes, threshold)
+        official_boxes(maps, sizes, threshold)
+    ours_t, theirs_t = [], []
+    for r in range(rounds):
+        a = b = 0.0
+        for maps, sizes in batches:
+            steps = [("ours", boxes_from_maps), ("theirs", official_boxes)]
+            for name, fn in steps if r % 2 == 0 else reversed(steps):
+                start = time.perf_counter()
+                fn(maps, sizes, threshold)
+                elapsed = time.perf_counter() - start
+                if name == "ours":
+                    a += elapsed
+                else:
+                    b += elapsed
+        ours_t.append(a / total)
+        theirs_t.append(b / total)
+    return statistics.median(ours_t), statistics.median(theirs_t), same, total
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and batches (a rough figure)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both models")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, quick 2)")
+    parser.add_argument("--box-batches", type=int, default=None, help="batches of maps (default 8, quick 3)")
+    parser.add_argument("--threshold", type=float, default=0.4)
+    parser.add_argument("--only", choices=["model", "boxes"], default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
+    box_batches = args.box_batches or (3 if args.quick else 8)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, batch {args.batch}, "
+        f"{rounds} rounds, {'quick' if args.quick else 'full'} run; load average {load[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (a shared machine: compare the ratios, not the absolute figures)\n"
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+        f"{'yes' if native_bf16() else 'no (bf16 autocast is emulated and slower than fp32 here)'}",
+        flush=True,
+    )
+
+    deit_per_image: dict[str, float] = {}
+    if args.only in (None, "model"):
+        print(f"\n1. Forward, DeiT-S backbone, 224 px, 200 classes, batch {args.batch} (median over rounds)")
+        results = bench_models(args.batch, rounds, warmup=1 if args.quick else 2, precisions=["fp32", "bf16"])
+        ratio = results["bf16"]["SAT"] / results["bf16"]["DeiT"]
+        deit_per_image = {p: results[p]["DeiT"] / args.batch for p in results}
+        verdict = "met" if ratio <= SAT_TARGET else "MISSED"
+        print(f"  bf16 SAT/DeiT wall time ratio {ratio:.3f} (target <= {SAT_TARGET:.2f}: {verdict})")
+    if args.only in (None, "boxes"):
+        if not deit_per_image:
+            print("\n   (measuring DeiT-S alone for the share figure)")
+            results = bench_models(args.batch, 2, 1, ["fp32", "bf16"], names=("DeiT",))
+            deit_per_image = {p: results[p]["DeiT"] / args.batch for p in results}
+        print(
+            f"\n2. Boxes: 14x14 maps, images 300-500 px, batches of {args.batch}, "
+            f"threshold {args.threshold}, mode largest (median over rounds)"
+        )
+        for kind in ("smooth", "noise"):
+            ours, theirs, same, total = bench_boxes(args.batch, box_batches, rounds, args.threshold, kind)
+            speedup = theirs / ours
+            share = ours / deit_per_image["bf16"]
+            print(
+                f"  {kind:>6} maps: boxes_from_maps {ours * 1e3:.3f} ms/img, official per-image "
+                f"{theirs * 1e3:.3f} ms/img, speedup {speedup:.2f}x (target >= {BOX_SPEEDUP_TARGET:.0f}x: "
+                f"{'met' if speedup >= BOX_SPEEDUP_TARGET else 'MISSED'}); same boxes {same}/{total}\n"
+                f"          {share * 100:.2f}% of DeiT-S bf16 model time per image "
+                f"({deit_per_image['bf16'] * 1e3:.1f} ms; target < {BOX_SHARE_TARGET * 100:.0f}%: "
+                f"{'met' if share < BOX_SHARE_TARGET else 'MISSED'}), "
+                f"{ours / deit_per_image['fp32'] * 100:.2f}% of fp32 ({deit_per_image['fp32'] * 1e3:.1f} ms)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
