@@ -11,7 +11,7 @@ from pipeline.demo import DemoOptions, run_demo  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workdir", default="demo_out", help="where data, checkpoints and outputs go (reused on rerun)")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    p.add_argument("--epochs", type=int, default=DemoOptions.epochs, help="training epochs for both methods")
     p.add_argument("--train-samples", type=int, default=DemoOptions.train_samples)
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--seed", type=int, default=0)

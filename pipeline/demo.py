@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 from pipeline.recipes import recipe
 
-SPLITS = {"train": 4000, "val": 500, "test": 1000}
+SPLITS = {"train": 3000, "val": 500, "test": 1000}
 
 
 @dataclass
 class DemoOptions:
     workdir: str = "demo_out"
-    epochs: int | None = None  # default: the recipe's
+    epochs: int | None = 6  # the demo trains shorter than the recipe (10) to stay within minutes
     train_samples: int = SPLITS["train"]
     num_workers: int = 2
     seed: int = 0
@@ -36,7 +37,7 @@ def make_data(opts: DemoOptions) -> dict[str, str]:
     specs = {}
     for split, n in SPLITS.items():
         n = opts.train_samples if split == "train" else n
-        out = os.path.join(opts.workdir, "data", split)
+        out = os.path.abspath(os.path.join(opts.workdir, "data", split))
         specs[split] = out + "/"
         if os.path.isdir(out) and any(f.endswith(".tar") for f in os.listdir(out)):
             say(f"data/{split}: exists, reused")
@@ -130,7 +131,9 @@ def run_demo(opts: DemoOptions) -> dict:
     os.makedirs(opts.workdir, exist_ok=True)
     specs = make_data(opts)
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=True)
+        # Its own temp dir: other Ray clusters on the machine are left alone.
+        temp_dir = tempfile.mkdtemp(prefix="satloc-demo-ray-", dir="/tmp")
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _temp_dir=temp_dir)
     results, seconds, runs = {}, {}, {}
     for method in opts.methods:
         t = time.time()
