@@ -34,3 +34,6 @@ quality: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Local Ray head + SeaweedFS S3 endpoint, and a `ray job submit` of the localize job: infra/local/cluster.mk
+-include infra/local/cluster.mk
