@@ -142,18 +142,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _signal_all(pids: list[int], sig: int) -> list[int]:
+    sent = []
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent.append(pid)
+        except ProcessLookupError:
+            pass
+    return sent
+
+
 def stop_session(leader: int, timeout: float = 20.0, popen: subprocess.Popen | None = None,
-                 orphan_grace: float = 3.0) -> list[int]:
-    """Stop a ``ray start --block`` process (SIGTERM: it stops its node) and then every
-    process left in its session, by PID: SIGKILL for those still there ``timeout`` s after
-    the SIGTERM, or ``orphan_grace`` s after the leader exited. Returns the killed PIDs."""
-    try:
-        os.kill(leader, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
+                 orphan_grace: float = 3.0, term_all_after: float = 2.0) -> list[int]:
+    """Stop a ``ray start --block`` process and every process of its session, by PID.
+
+    SIGTERM to the leader (it stops its node's processes one by one), after
+    ``term_all_after`` s SIGTERM to every process still in the session (so they stop in
+    parallel), and SIGKILL for any still there ``timeout`` s after the start, or
+    ``orphan_grace`` s after the leader exited. Returns the PIDs that needed SIGKILL.
+    """
+    _signal_all([leader], signal.SIGTERM)
+    start = time.monotonic()
+    deadline = start + timeout
     leader_gone = None
+    termed_all = False
     while time.monotonic() < deadline:
+        if not termed_all and time.monotonic() - start > term_all_after:
+            _signal_all([p for p in session_pids(leader) if p != leader], signal.SIGTERM)
+            termed_all = True
         if popen is not None:
             popen.poll()
         leader_alive, rest = _alive(leader), session_pids(leader)
@@ -164,13 +181,7 @@ def stop_session(leader: int, timeout: float = 20.0, popen: subprocess.Popen | N
             if time.monotonic() - leader_gone > orphan_grace:
                 break
         time.sleep(0.2)
-    killed = []
-    for pid in session_pids(leader):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except ProcessLookupError:
-            pass
+    killed = _signal_all(session_pids(leader), signal.SIGKILL)
     if popen is not None:
         try:
             popen.wait(timeout=10)
@@ -296,12 +307,7 @@ class RayNode:
 
     def kill(self) -> list[int]:
         """SIGKILL the whole node at once (a crashed machine), by the PIDs of its session."""
-        pids = session_pids(self.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = _signal_all(session_pids(self.pid), signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=30)
         self.process, self.pid = None, None

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -33,12 +31,12 @@ import torch
 from model.boxes import boxes_from_maps
 from model.checkpoint import default_config, load_checkpoint, save_checkpoint
 from model.factory import create_model
-from pipeline.local_store import free_ports
 from pipeline.localize_run import BadInputError, LocalizeOptions, run_localize
 from pipeline.preprocess import normalize, resize_to_input, stack_uint8
 from pipeline.reader import read_samples
 from pipeline.schema import loc_map_shape, localize_schema
 from pipeline.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
+from ray_cluster import RayCluster
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sat_vit_micro_patch8_64"
@@ -367,72 +365,14 @@ def test_seaweedfs_shards_in_parquet_out_and_new_shards_next_run(data, first_run
 # --- ray job submit against a head cluster -------------------------------------------------------
 
 
-def _ray_processes(temp_dir: str) -> list[int]:
-    """PIDs of processes whose command line names ``temp_dir`` (the head's processes)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if temp_dir in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture
 def head_cluster():
-    temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")
-    ports = free_ports(9)
-    gcs, dash, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env, client = ports
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",  # the same mode and token for `ray start` and `ray job submit`
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    for name in [k for k in env if k.startswith("AWS_") or k == "RAY_ADDRESS"]:
-        env.pop(name)
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-        f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-    ]
-    log = open(Path(temp_dir) / "ray_start.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            check = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
-                                   env=env, capture_output=True, text=True, timeout=60)
-            if check.returncode == 0:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start: {(Path(temp_dir) / 'ray_start.log').read_text()[-2000:]}")
-            time.sleep(1)
-        yield {"address": address, "env": env, "temp_dir": temp_dir}
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        deadline = time.monotonic() + 15
-        while _ray_processes(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _ray_processes(temp_dir):  # anything left of this head, by PID
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """`ray start --head` on 127.0.0.1 with token auth, stopped by PID (tests/ray_cluster.py)."""
+    with RayCluster(num_cpus=2) as cluster:
+        env = cluster.client_env()
+        for name in [k for k in env if k.startswith("AWS_")]:
+            env.pop(name)
+        yield {"address": cluster.address, "env": env, "temp_dir": str(cluster.head.temp_dir)}
 
 
 def test_ray_job_submit_against_a_head_cluster(data, first_run, head_cluster, tmp_path):
