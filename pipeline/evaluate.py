@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import metrics
 from pipeline.schema import RUN_ID_KEY, loc_map_shape
-from pipeline.storage import join_url, url_to_fs
+from pipeline.storage import join_url, read_parquet, url_to_fs
 
 MANIFEST_NAME = "_manifest.json"
 EVAL_COLUMNS = (
@@ -94,10 +94,9 @@ def read_run(predictions_url: str) -> Run:
 
     tables, run_ids, grids = [], {}, {}
     for path in files:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=list(EVAL_COLUMNS))
-        meta = table.schema.metadata or {}
         name = path.rsplit("/", 1)[-1]
+        table = read_parquet(join_url(predictions_url, name), columns=list(EVAL_COLUMNS))
+        meta = table.schema.metadata or {}
         run_ids.setdefault(meta.get(RUN_ID_KEY, b"").decode() or None, []).append(name)
         try:
             grids.setdefault(loc_map_shape(table.schema), []).append(name)

@@ -32,7 +32,7 @@ from pipeline.shard_jobs import ShardJob, ShardResult
 from pipeline.preprocess import normalize, resize_to_input, stack_uint8
 from pipeline.reader import Sample, decode_sample, read_samples
 from pipeline.schema import localize_schema
-from pipeline.storage import exists, url_to_fs, write_bytes_atomic
+from pipeline.storage import exists, read_parquet, read_parquet_metadata, write_bytes_atomic
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Parquet key-value metadata: the run attempt that wrote the file (see ShardJob.write_token).
@@ -281,16 +281,11 @@ def error_count(status: pa.ChunkedArray) -> int:
 
 def written_by(url: str) -> str | None:
     """The write token stored in an output file's footer, or None."""
-    fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-    token = meta.get(WRITE_TOKEN_KEY)
+    token = read_parquet_metadata(url).get(WRITE_TOKEN_KEY)
     return token.decode() if token else None
 
 
 def output_counts(url: str) -> tuple[int, int]:
     """(rows, error rows) of a finished output file (reads only its status column)."""
-    fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        status = pq.read_table(f, columns=["status"])["status"]
+    status = read_parquet(url, columns=["status"])["status"]
     return len(status), error_count(status)

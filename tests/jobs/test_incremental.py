@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -82,7 +83,7 @@ def run_keys(store, names) -> list[str]:
     keys = []
     for name in names:
         body = store.client().get_object(Bucket=store.bucket, Key=f"{PREFIX}/out/nightly/{name}")["Body"].read()
-        keys += pq.read_table(io.BytesIO(body), columns=["key"])["key"].to_pylist()
+        keys += pq.read_table(pa.BufferReader(body), columns=["key"])["key"].to_pylist()
     return keys
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -342,7 +343,7 @@ def test_seaweedfs_shards_in_parquet_out_and_new_shards_next_run(data, first_run
     local_tables = _read_run(first_run["summary"].run_url)
     for stem in ("val-000000", "val-000001"):
         body = client.get_object(Bucket=store.bucket, Key=f"{prefix}/out/s3run/{stem}.parquet")["Body"].read()
-        table = pq.read_table(io.BytesIO(body))
+        table = pq.read_table(pa.BufferReader(body))
         assert table["shard"].to_pylist() == [f"{base}/shards/{stem}.tar"] * table.num_rows
         cols = ["key", "label", "loc_map", "boxes", "fg_ratio", "gt_label", "gt_boxes"]
         assert table.select(cols).equals(local_tables[stem].select(cols))

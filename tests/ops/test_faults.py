@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -108,14 +109,12 @@ def s3_parquet_names(store: LocalS3Store, prefix: str) -> list[str]:
 
 def s3_run_keys(store: LocalS3Store, prefix: str) -> tuple[list[str], list[str]]:
     """(Parquet object names, every key in them) under ``prefix``."""
-    import io
-
     client = store.client()
     names = s3_parquet_names(store, prefix)
     keys = []
     for name in names:
         body = client.get_object(Bucket=store.bucket, Key=f"{prefix}{name}")["Body"].read()
-        keys += pq.read_table(io.BytesIO(body), columns=["key"])["key"].to_pylist()
+        keys += pq.read_table(pa.BufferReader(body), columns=["key"])["key"].to_pylist()
     return names, keys
 
 
