@@ -20,6 +20,7 @@ from model.checkpoint import load_checkpoint_bytes
 from pipeline.localize_rows import RowSettings
 from pipeline.localize_worker import ShardLocalizer, WorkerSettings
 from pipeline.shard_jobs import ShardJob, ShardResult
+from pipeline.storage import apply_storage_env
 
 
 def pick_device(gpu_ids: list) -> torch.device:
@@ -39,10 +40,9 @@ class LocalizeActor:
         num_cpus: float = 1.0,
         storage_env: dict[str, str] | None = None,
     ) -> None:
-        # Storage variables (AWS_*) arrive as an argument, not as runtime_env env_vars:
-        # Ray writes every runtime env in plain text to runtime_env_agent.log, secret keys
-        # included. This process hosts only this actor, so setting them here is local.
-        os.environ.update(storage_env or {})
+        # Storage variables (AWS_*) arrive as an argument, never as runtime_env env_vars
+        # (pipeline.storage says why). This process hosts only this actor.
+        apply_storage_env(storage_env)
         self.num_threads = max(1, int(num_cpus))
         torch.set_num_threads(self.num_threads)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]

@@ -36,13 +36,12 @@ from pipeline.storage import (
     join_url,
     protocol_of,
     read_bytes,
+    storage_env,
     url_to_fs,
     write_bytes_atomic,
 )
 
 MANIFEST_NAME = "_manifest.json"
-# Environment variables that configure storage; passed to every actor's constructor.
-STORAGE_ENV_PREFIXES = ("AWS_",)
 
 
 class BadInputError(ValueError):
@@ -239,10 +238,6 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-
-
-def storage_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
 @dataclass(frozen=True)

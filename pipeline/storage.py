@@ -18,6 +18,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 _S3_PROTOCOLS = ("s3", "s3a")
+# Environment variables that configure storage. Ray workers get them as a call argument
+# (``storage_env()`` -> ``apply_storage_env``), never through a runtime_env: Ray writes
+# every runtime_env in plain text to runtime_env_agent.log, secret keys included.
+STORAGE_ENV_PREFIXES = ("AWS_",)
 
 
 class StorageError(OSError):
@@ -64,6 +68,16 @@ def s3_storage_options() -> dict[str, Any]:
     if region:
         options["client_kwargs"] = {"region_name": region}
     return options
+
+
+def storage_env() -> dict[str, str]:
+    """This process's storage variables (AWS_*), to hand to a Ray task or actor as an argument."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def apply_storage_env(env: dict[str, str] | None) -> None:
+    """Set the storage variables a Ray worker was handed (see ``storage_env``)."""
+    os.environ.update(env or {})
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

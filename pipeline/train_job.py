@@ -39,7 +39,9 @@ from pipeline.storage import (
     join_url,
     protocol_of,
     read_bytes,
+    apply_storage_env,
     s3_endpoint,
+    storage_env,
     write_bytes_atomic,
 )
 from pipeline.train_data import SplitIndex, TrainDataError, check_classes, index_split, train_batches, val_batches
@@ -60,7 +62,6 @@ FINAL_TAU_STEP = 0.01
 RESUMABLE_CHANGES = {"num_workers", "use_gpu", "max_failures", "output", "threshold_metric",
                      "stop_after_epochs", "verbose", "ray_temp_dir", "name", "storage_path",
                      "cpus_per_worker", "ray_log_level"}
-STORAGE_ENV_PREFIXES = ("AWS_",)
 LOCAL_INDEX_MAX_SHARDS = 16
 
 
@@ -245,11 +246,6 @@ def check_run_record(options: TrainOptions, run_url: str) -> bool:
     return False
 
 
-def storage_env() -> dict[str, str]:
-    """The AWS_* variables, passed to Ray tasks and workers through their runtime_env."""
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
-
-
 def pyarrow_storage(storage_path: str):
     """(storage_filesystem, storage_path) for RunConfig: S3 gets an explicit endpoint."""
     if protocol_of(storage_path) not in ("s3", "s3a"):
@@ -283,7 +279,13 @@ def ensure_ray(options: TrainOptions) -> None:
         ray.init()  # the job's runtime_env stays; AWS_* reach tasks and workers per call
         return
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=options.ray_temp_dir, runtime_env={"env_vars": storage_env()})
+             _temp_dir=options.ray_temp_dir)
+
+
+def _with_storage_env(env: dict[str, str], fn, *args):
+    """Run ``fn(*args)`` in a Ray worker after setting the storage variables it was handed."""
+    apply_storage_env(env)
+    return fn(*args)
 
 
 def index_map(fn, items: list[tuple], options: TrainOptions | None = None) -> list:
@@ -300,8 +302,9 @@ def index_map(fn, items: list[tuple], options: TrainOptions | None = None) -> li
 
     if options is not None:
         ensure_ray(options)
-    task = ray.remote(num_cpus=1, max_retries=2)(fn).options(runtime_env={"env_vars": storage_env()})
-    return ray.get([task.remote(*item) for item in items])
+    task = ray.remote(num_cpus=1, max_retries=2)(_with_storage_env)
+    env = storage_env()  # an argument, never runtime_env (pipeline.storage says why)
+    return ray.get([task.remote(env, fn, *item) for item in items])
 
 
 # --- what every worker runs ------------------------------------------------------------
@@ -400,6 +403,20 @@ def _load_epoch(directory: str, model, optimizer) -> dict:
     optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
     with open(os.path.join(directory, STATE_FILE)) as f:
         return json.load(f)
+
+
+def storage_worker(env: dict[str, str]):
+    """``train_worker`` for TorchTrainer, carrying the storage variables in its closure.
+
+    Not in ``train_loop_config`` (Ray Train may record it) and not in a runtime_env
+    (Ray logs those in plain text): the closure travels pickled to each worker only.
+    """
+
+    def run(plan: dict) -> None:
+        apply_storage_env(env)
+        train_worker(plan)
+
+    return run
 
 
 def train_worker(plan: dict) -> None:
@@ -567,7 +584,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     filesystem, storage_path = pyarrow_storage(options.storage_path)
     ensure_ray(options)
     trainer = TorchTrainer(
-        train_worker,
+        storage_worker(storage_env()),
         train_loop_config=plan,
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.num_workers, use_gpu=options.use_gpu,
@@ -579,7 +596,6 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": storage_env()},
             # Our own per-epoch line says what Ray Train's INFO lines say (as dicts, per rank).
             logging_config=ray.train.LoggingConfig(log_level=options.ray_log_level),
         ),

@@ -163,6 +163,31 @@ def secured_run(cluster, store, tmp_path_factory):
     return {"root": root, "out": out, "run": out / "sec", "result": result, "before": before}
 
 
+@pytest.fixture(scope="module")
+def secured_training(cluster, store):
+    """The train job via `ray job submit` on the same cluster: shards, Ray Train storage and
+    the exported checkpoint all in the fake-keyed store. More shards than the driver indexes
+    itself, so Ray tasks index them, and a Ray Train worker reads them."""
+    os.environ.update(store.env())
+    try:
+        for split, n in (("train", 40), ("val", 8)):
+            write_synthetic_shards(f"s3://{store.bucket}/sec/train-data/{split}/", split, n, seed=6, image_size=32,
+                                   shard_size=2, num_classes=4)
+    finally:
+        for k in store.env():
+            os.environ.pop(k, None)
+    data = f"s3://{store.bucket}/sec/train-data"
+    result = cluster.submit(
+        ["python", "jobs/train_sat.py", "--train-shards", f"{data}/train/", "--val-shards", f"{data}/val/",
+         "--model", MODEL, "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "1",
+         "--model-kwargs", json.dumps(dict(patch_size=8, depth=2, embed_dim=32, num_heads=2, reweight_blocks=1)),
+         "--storage-path", f"s3://{store.bucket}/sec/runs", "--name", "sec-train",
+         "--output", f"s3://{store.bucket}/sec/trained.safetensors"],
+        submission_id=f"sec-train-{secrets.token_hex(4)}", working_dir=str(REPO), timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_local_servers_listen_on_loopback_only_and_require_the_token(cluster, store):
     import urllib.error
     import urllib.request
@@ -190,12 +215,15 @@ def test_local_servers_listen_on_loopback_only_and_require_the_token(cluster, st
     assert os.stat(cluster.token_file).st_mode & 0o777 == 0o600
 
 
-def test_fake_credentials_appear_in_no_output_log_or_manifest(secured_run, cluster, store):
+def test_fake_credentials_appear_in_no_output_log_or_manifest(secured_run, secured_training, cluster, store):
     result = secured_run["result"]
     assert "[localize] done: 3 shards processed, 0 failed" in result.stdout
+    trained = store.client().head_object(Bucket=store.bucket, Key="sec/trained.safetensors")
+    assert trained["ContentLength"] > 0  # the train job read, trained and wrote through S3
     needle = FAKE_SECRET.encode()
     scanned, found = 0, []
-    assert needle not in result.stdout.encode() and needle not in result.stderr.encode()
+    for job in (result, secured_training):
+        assert needle not in job.stdout.encode() and needle not in job.stderr.encode()
     roots = [secured_run["out"], *cluster.temp_dirs()]
     for root in roots:
         for path in files_under(root):
@@ -209,8 +237,8 @@ def test_fake_credentials_appear_in_no_output_log_or_manifest(secured_run, clust
             if needle in data:
                 found.append(str(path))
     logs = [p for p in files_under(cluster.head.temp_dir) if p.suffix in (".log", ".out", ".err")]
-    print(f"[security] fake secret searched in {scanned} files ({len(logs)} Ray logs, the Parquet files, the "
-          f"manifest) and the job's stdout/stderr: found in {found or 'none'}")
+    print(f"[security] fake secret searched in {scanned} files ({len(logs)} Ray logs of a localize and a train "
+          f"job, the Parquet files, the manifest) and the jobs' stdout/stderr: found in {found or 'none'}")
     assert found == []
     assert any(p.name.startswith("job-driver-") for p in logs) and any("runtime_env" in p.name for p in logs)
     manifest = json.loads((secured_run["run"] / "_manifest.json").read_text())

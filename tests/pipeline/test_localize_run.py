@@ -10,8 +10,8 @@ from pipeline.localize_run import (
     default_run_id,
     plan_run,
     shard_stem,
-    storage_env,
 )
+from pipeline.storage import storage_env
 
 
 def _options(**kw) -> LocalizeOptions:
