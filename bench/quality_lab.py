@@ -92,10 +92,43 @@ def evaluate(model, cfg, images, labels, boxes, masks, tau_from=None):
     logits, maps = torch.cat(logits), torch.cat(maps)
     size = images.shape[-1]
     norm = normalized_upsampled_maps(maps, [(size, size)] * len(images))
+    return evaluate_maps(norm, logits, labels, boxes, masks, tau_from, float(maps.mean()))
+
+
+# --- trivial baselines: what the data gives away without learning anything ---------------
+
+
+def center_maps(images: torch.Tensor) -> list[np.ndarray]:
+    """A map peaked at the image centre (a pyramid): each tau cuts a centred square box."""
+    size = images.shape[-1]
+    r = np.abs(np.arange(size) - (size - 1) / 2) / (size / 2)
+    pyramid = 1.0 - np.maximum(r[:, None], r[None, :])
+    return [pyramid.astype(np.float32)] * len(images)
+
+
+def contrast_maps(images: torch.Tensor, border: int = 4) -> list[np.ndarray]:
+    """Colour distance of each pixel from the mean colour of the image's border, smoothed.
+
+    A no-learning saliency map: it finds whatever differs from the surroundings.
+    """
+    x = images.float()
+    edge = torch.cat([x[..., :border, :].flatten(2), x[..., -border:, :].flatten(2),
+                      x[..., :, :border].flatten(2), x[..., :, -border:].flatten(2)], dim=2)
+    dist = (x - edge.mean(2)[..., None, None]).norm(dim=1, keepdim=True)
+    dist = F.avg_pool2d(dist, 5, stride=1, padding=2, count_include_pad=False)[:, 0]
+    lo = dist.flatten(1).min(1).values[:, None, None]
+    hi = dist.flatten(1).max(1).values[:, None, None]
+    return list(((dist - lo) / (hi - lo).clamp_min(1e-6)).numpy())
+
+
+BASELINES = {"center": center_maps, "contrast": contrast_maps}
+
+
+def evaluate_maps(norm, logits, labels, boxes, masks, tau_from=None, map_mean=float("nan")):
     largest, best = sweep(norm, boxes)
     gt_known_curve = (largest >= 0.5).mean(1) * 100
     tau_idx = int(np.argmax(gt_known_curve)) if tau_from is None else int(np.argmin(np.abs(TAUS - tau_from)))
-    correct = (logits.argmax(1) == labels).numpy()
+    correct = (logits.argmax(1) == labels).numpy() if logits is not None else np.zeros(len(norm), bool)
     v2 = [float((best >= d).mean(1).max() * 100) for d in (0.3, 0.5, 0.7)]
     stack = np.stack(norm)
     inside = np.array([stack[i][masks[i]].mean() if masks[i].any() else np.nan for i in range(len(stack))])
@@ -109,7 +142,7 @@ def evaluate(model, cfg, images, labels, boxes, masks, tau_from=None):
         "maxboxacc_v2": float(np.mean(v2)),
         "pxap": pxap(stack, masks),
         "inside_gt_outside": float(np.nanmean(inside > outside) * 100),
-        "map_mean": float(maps.mean()),
+        "map_mean": map_mean,
     }
 
 
@@ -126,7 +159,7 @@ def pxap(scores, masks, bins=256):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
-    p.add_argument("--method", default="sat")
+    p.add_argument("--method", default="sat", help="sat, cam, or a no-learning baseline: center, contrast")
     p.add_argument("--model", default=None)
     p.add_argument("--model-kwargs", default="{}")
     p.add_argument("--img-size", type=int, default=64)
@@ -153,6 +186,15 @@ def main(argv=None):
     val = load_split(os.path.join(a.data, "val") + "/", a.img_size)
     test = load_split(os.path.join(a.data, "test") + "/", a.img_size)
     num_classes = int(train[1].max()) + 1
+    if a.method in BASELINES:
+        v = evaluate_maps(BASELINES[a.method](val[0]), None, *val[1:])
+        t = evaluate_maps(BASELINES[a.method](test[0]), None, *test[1:], tau_from=v["tau"])
+        row = {"tag": a.tag or a.method, "method": a.method, "seed": a.seed, "args": vars(a), "train_s": 0,
+               "val": v, "test": t}
+        print(json.dumps(row), flush=True)
+        with open(a.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
     cfg = TrainConfig(
         model=model_name, num_classes=num_classes, model_kwargs=json.loads(a.model_kwargs), epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, alpha=a.alpha, area_mode=a.area_mode, norm_weight=a.norm_weight,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import queue
 import threading
 import time
 from collections import deque
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from model.factory import model_kwargs
+from pipeline.handoff import Handoff
 from pipeline.localize_rows import RowSettings, localize_rows
 from pipeline.shard_jobs import ShardJob, ShardResult
 from pipeline.preprocess import normalize, resize_to_input, stack_uint8
@@ -109,42 +109,24 @@ def prepared_samples(
     A reader thread streams the tar and submits decode work; errors reading the shard
     (missing, not a tar, network) are raised here, in the consumer.
     """
-    pending: queue.Queue = queue.Queue(maxsize=max_pending)
-    stop = threading.Event()
-    end = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                pending.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    pending = Handoff(max_pending)
 
     def read() -> None:
         try:
             for raw in read_samples(url, decode=False):
-                if not put(pool.submit(prepare_sample, raw, size)):
+                if not pending.put(pool.submit(prepare_sample, raw, size)):
                     return
+            pending.finish()
         except BaseException as e:  # handed to the consumer, which raises it
-            put(e)
-            return
-        put(end)
+            pending.fail(e)
 
     reader = threading.Thread(target=read, name=f"read {url}", daemon=True)
     reader.start()
     try:
-        while True:
-            item = pending.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item.result() if isinstance(item, Future) else item
+        for future in pending.items():
+            yield future.result()
     finally:
-        stop.set()
-        reader.join(timeout=30)
+        pending.close(reader, timeout=30)
 
 
 class ShardLocalizer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import queue
 import re
 import tarfile
 import threading
@@ -28,6 +27,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import ExifTags, Image, ImageOps
 
+from pipeline.handoff import Finished, Handoff
 from pipeline.storage import url_to_fs
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -51,31 +51,24 @@ class PrefetchingReader(io.RawIOBase):
         super().__init__()
         self._src = fileobj
         self._chunk_size = chunk_size
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._chunks = Handoff(depth)
         self._buf = memoryview(b"")
         self._pos = 0
         self._eof = False
         self._thread = threading.Thread(target=self._fill, name="shard-prefetch", daemon=True)
         self._thread.start()
 
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def _fill(self) -> None:
         try:
-            while not self._stop.is_set():
+            while True:
                 data = self._src.read(self._chunk_size)
-                self._put(data)
                 if not data:
+                    self._chunks.finish()
+                    return
+                if not self._chunks.put(data):
                     return
         except BaseException as e:  # handed to the reading thread
-            self._put(e)
+            self._chunks.fail(e)
 
     def readable(self) -> bool:
         return True
@@ -88,13 +81,14 @@ class PrefetchingReader(io.RawIOBase):
             if self._pos >= len(self._buf):
                 if self._eof:
                     break
-                item = self._queue.get()
-                if isinstance(item, BaseException):
-                    self._eof = True
-                    raise item
-                if not item:
+                try:
+                    item = self._chunks.get()
+                except Finished:
                     self._eof = True
                     break
+                except BaseException:
+                    self._eof = True
+                    raise
                 self._buf, self._pos = memoryview(item), 0
             take = len(self._buf) - self._pos if wanted is None else min(wanted - got, len(self._buf) - self._pos)
             parts.append(self._buf[self._pos : self._pos + take])
@@ -104,13 +98,7 @@ class PrefetchingReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._stop.set()
-            while self._thread.is_alive():
-                try:  # unblock a thread waiting to put
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            self._thread.join()
+            self._chunks.close(self._thread)
         super().close()
 
 

@@ -22,7 +22,6 @@ few-shot subset is fixed. During training each worker streams its own share:
 """
 from __future__ import annotations
 
-import queue
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.handoff import Handoff
 from pipeline.preprocess import resize_to_input, train_transform
 from pipeline.reader import Sample, decode_sample, read_samples
 from pipeline.shards import expand_shards
@@ -376,38 +376,21 @@ def val_batches(
     return prefetched(produce(), prefetch) if prefetch > 0 else produce()
 
 
-_DONE = object()
-
-
 def prefetched(items: Iterator, depth: int) -> Iterator:
     """Run ``items`` in a background thread, ``depth`` ahead (decoding overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    handoff = Handoff(depth)
 
     def run() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not handoff.put(item):
                     return
-            q.put(_DONE)
+            handoff.finish()
         except BaseException as e:  # hand the error to the consumer
-            q.put(e)
+            handoff.fail(e)
 
-    thread = threading.Thread(target=run, name="satloc-prefetch", daemon=True)
-    thread.start()
+    threading.Thread(target=run, name="satloc-prefetch", daemon=True).start()
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from handoff.items()
     finally:
-        stop.set()
+        handoff.close()
