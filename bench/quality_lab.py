@@ -176,6 +176,8 @@ def main(argv=None):
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="save the trained model's state dict (safetensors checkpoint)")
+    p.add_argument("--select", default=None, choices=[None, "maxboxacc_v2", "gt_known_loc", "top1"],
+                   help="evaluate val after every epoch and report test for the epoch best by this val figure")
     p.add_argument("--tag", default="")
     p.add_argument("--log", default="runs/lab_results.jsonl")
     a = p.parse_args(argv)
@@ -207,13 +209,27 @@ def main(argv=None):
     steps = len(train[0]) // a.batch_size
     print(f"data loaded in {time.time() - t0:.1f}s: train {len(train[0])} val {len(val[0])} test {len(test[0])}", flush=True)
     t_train = time.time()
+    best, curve = None, []
     for epoch in range(a.epochs):
         m = train_epoch(model, augmented_batches(train[0], train[1], a.batch_size, gen, a.img_size), opt, cfg, epoch, steps)
         print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in m.items()), flush=True)
+        if a.select:
+            v = evaluate(model, cfg, *val)
+            curve.append({k: round(v[k], 1) for k in ("top1", "gt_known_loc", "maxboxacc_v2", "pxap")})
+            print(f"  val: {curve[-1]}", flush=True)
+            if best is None or v[a.select] > best[0]:
+                best = (v[a.select], epoch, {k: t.clone() for k, t in model.state_dict().items()})
     train_s = time.time() - t_train
+    last = None
+    if best is not None:  # the last epoch's figures too, to compare with the selected epoch's
+        v_last = evaluate(model, cfg, *val)
+        last = {"val": v_last, "test": evaluate(model, cfg, *test, tau_from=v_last["tau"])}
+        model.load_state_dict(best[2])
     v = evaluate(model, cfg, *val)
     t = evaluate(model, cfg, *test, tau_from=v["tau"])
     row = {"tag": a.tag, "method": a.method, "seed": a.seed, "args": vars(a), "train_s": round(train_s), "val": v, "test": t}
+    if best is not None:
+        row.update(selected_epoch=best[1], val_curve=curve, last_epoch=last)
     print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(a.log) or ".", exist_ok=True)
     with open(a.log, "a") as f:
