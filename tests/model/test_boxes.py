@@ -120,6 +120,107 @@ def test_labelling_equals_reference_on_random_masks():
                 assert_boxes_equal(got[i], reference_boxes(m, 0.5, mode, max_boxes), f"trial {trial} image {i}")
 
 
+def plateau_maps(rng: np.random.Generator, batch: int, h: int, w: int) -> torch.Tensor:
+    """Maps with stretches exactly at one value (a few levels, or saturated at the max): on
+    those, torch's float32 rounding decides the pixels at the threshold."""
+    if rng.random() < 0.5:
+        maps = np.round(rng.random((batch, 1, h, w)) * 3) / 3
+    else:
+        maps = np.minimum(rng.random((batch, 1, h, w)) * 1.5, 1.0)
+    return torch.from_numpy(maps.astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_images_equal_reference(seed, monkeypatch):
+    # Where torch upsamples with its generic kernel (width + height > 128), boxes_from_maps
+    # never makes the full-size maps: it follows the upsampling's lines and computes torch's
+    # exact values only next to the threshold. Same boxes as the per-image reference, also
+    # on plateaus at the threshold (thresholds 0 and 1 included).
+    import model.boxes as boxes_module
+
+    seen = {"near": 0, "redone": 0, "pixel_fallback": 0}
+    resolve = boxes_module._resolve_near
+
+    def counting(*args):
+        e, rising, changed, bad = resolve(*args)
+        seen["near"] += len(e)
+        seen["redone"] += int(changed.sum())
+        seen["pixel_fallback"] += int(bad.sum())
+        return e, rising, changed, bad
+
+    monkeypatch.setattr(boxes_module, "_resolve_near", counting)
+    rng = np.random.default_rng(seed)
+    for trial in range(14):
+        batch = int(rng.integers(1, 5))
+        h, w = (14, 14) if trial % 2 else (int(rng.integers(2, 17)), int(rng.integers(2, 17)))
+        maps = random_maps(rng, batch, h, w) if trial % 3 == 0 else plateau_maps(rng, batch, h, w)
+        sizes = [(int(rng.integers(40, 420)), int(rng.integers(90, 420))) for _ in range(batch)]
+        threshold = float(rng.choice([0.0, 0.2, 1 / 3, 0.4, 0.5, 2 / 3, 1.0, float(rng.random())]))
+        mode, max_boxes = [("largest", None), ("all", None), ("all", 3)][trial % 3]
+        got = boxes_from_maps(maps, sizes, threshold, mode=mode, max_boxes=max_boxes)
+        norms = normalized_upsampled_maps(maps, sizes)
+        for i in range(batch):
+            context = f"seed {seed} trial {trial} image {i} grid {h}x{w} size {sizes[i]} thr {threshold} {mode}"
+            assert_boxes_equal(got[i], reference_boxes(norms[i], threshold, mode, max_boxes), context)
+    assert seen["near"] > 0 and seen["redone"] > 0  # the exact values were needed, and used
+
+
+def test_speckle_at_the_threshold_stays_exact(monkeypatch):
+    # Source values exactly at the threshold (1/3 here) over whole cells: torch's rounding
+    # makes a speckle there (1/3 * w0 + 1/3 * w1 is not always 1/3 in float32) that no line
+    # predicts; that image is labelled from its pixels instead. Same boxes as the reference.
+    import model.boxes as boxes_module
+
+    fallback = []
+    resolve = boxes_module._resolve_near
+
+    def counting(*args):
+        result = resolve(*args)
+        fallback.append(int(result[3].sum()))  # images sent to the pixel path
+        return result
+
+    monkeypatch.setattr(boxes_module, "_resolve_near", counting)
+    maps = torch.from_numpy((np.round(np.random.default_rng(18).random((1, 1, 14, 14)) * 3) / 3).astype(np.float32))
+    maps = torch.cat([maps, random_maps(np.random.default_rng(3), 2, 14, 14)])  # and two ordinary maps
+    sizes = [(384, 399), (300, 200), (451, 333)]
+    norms = normalized_upsampled_maps(maps, sizes)
+    for threshold in (1 / 3, 2 / 3):
+        got = boxes_from_maps(maps, sizes, threshold, mode="all")
+        for i in range(3):
+            assert_boxes_equal(got[i], reference_boxes(norms[i], threshold, "all", None), f"thr {threshold} image {i}")
+    assert sum(fallback) > 0
+
+
+def test_large_images_many_thresholds_equal_pixel_path():
+    # The same maps at many thresholds, against the labelling of the full-size maps.
+    rng = np.random.default_rng(5)
+    maps = torch.cat([random_maps(rng, 3, 14, 14), plateau_maps(rng, 3, 14, 14)])
+    sizes = [(333, 451), (129, 1), (1, 300), (700, 90), (64, 65), (500, 375)]
+    norms = normalized_upsampled_maps(maps, sizes)
+    for threshold in np.linspace(0, 1, 21).tolist() + [1 / 3, 2 / 3]:
+        got = boxes_from_maps(maps, sizes, threshold, mode="all")
+        for i, expected in enumerate(boxes_from_normalized(norms, threshold, mode="all")):
+            torch.testing.assert_close(got[i][:, :4], expected[:, :4], rtol=0, atol=0)
+            torch.testing.assert_close(got[i][:, 4], expected[:, 4], rtol=1e-5, atol=1e-6)
+
+
+def test_upsampling_emulation_is_bit_exact():
+    # boxes_from_maps computes torch's upsampled values itself where they decide a pixel: bit
+    # for bit, or a box could move by a pixel. If a torch upgrade changes its kernel, this
+    # fails and boxes_from_maps quietly takes the (slower) full-size path.
+    from model.boxes import _emulation_matches_torch, _upsample_exact
+
+    assert _emulation_matches_torch()
+    rng = np.random.default_rng(9)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 20, 2))
+        height = int(rng.integers(1, 600))
+        width = int(rng.integers(max(1, 129 - height), 600))
+        m = (rng.random((h, w)) * rng.choice([1, 30, 1e-3]) - rng.random()).astype(np.float32)
+        ref = F.interpolate(torch.from_numpy(m)[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        np.testing.assert_array_equal(_upsample_exact(m, height, width), ref[0, 0].numpy(), err_msg=f"{(h, w)} {(height, width)}")
+
+
 def test_normalized_upsampled_maps_by_hand():
     rng = np.random.default_rng(3)
     maps = torch.from_numpy(rng.random((4, 1, 14, 9)).astype(np.float32))
