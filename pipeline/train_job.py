@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -283,7 +284,12 @@ def ensure_ray(options: TrainOptions) -> None:
 
 
 def _with_storage_env(env: dict[str, str], fn, *args):
-    """Run ``fn(*args)`` in a Ray worker after setting the storage variables it was handed."""
+    """Run ``fn(*args)`` in a Ray worker after setting the storage variables it was handed.
+
+    Indexing tasks get ``env`` as a task argument; Ray Train workers get it bound into the
+    training function (``partial``), never in ``train_loop_config`` (Ray Train may record
+    it) nor in a runtime_env (Ray logs those in plain text).
+    """
     apply_storage_env(env)
     return fn(*args)
 
@@ -403,20 +409,6 @@ def _load_epoch(directory: str, model, optimizer) -> dict:
     optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
     with open(os.path.join(directory, STATE_FILE)) as f:
         return json.load(f)
-
-
-def storage_worker(env: dict[str, str]):
-    """``train_worker`` for TorchTrainer, carrying the storage variables in its closure.
-
-    Not in ``train_loop_config`` (Ray Train may record it) and not in a runtime_env
-    (Ray logs those in plain text): the closure travels pickled to each worker only.
-    """
-
-    def run(plan: dict) -> None:
-        apply_storage_env(env)
-        train_worker(plan)
-
-    return run
 
 
 def train_worker(plan: dict) -> None:
@@ -584,7 +576,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     filesystem, storage_path = pyarrow_storage(options.storage_path)
     ensure_ray(options)
     trainer = TorchTrainer(
-        storage_worker(storage_env()),
+        partial(_with_storage_env, storage_env(), train_worker),
         train_loop_config=plan,
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.num_workers, use_gpu=options.use_gpu,
