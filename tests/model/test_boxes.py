@@ -136,10 +136,10 @@ def test_large_images_equal_reference(seed, monkeypatch):
     # never makes the full-size maps: it follows the upsampling's lines and computes torch's
     # exact values only next to the threshold. Same boxes as the per-image reference, also
     # on plateaus at the threshold (thresholds 0 and 1 included).
-    import model.boxes as boxes_module
+    import model.upsampled_runs as upsampled_runs
 
     seen = {"near": 0, "redone": 0, "pixel_fallback": 0}
-    resolve = boxes_module._resolve_near
+    resolve = upsampled_runs._resolve_near
 
     def counting(*args):
         e, rising, changed, bad = resolve(*args)
@@ -148,7 +148,7 @@ def test_large_images_equal_reference(seed, monkeypatch):
         seen["pixel_fallback"] += int(bad.sum())
         return e, rising, changed, bad
 
-    monkeypatch.setattr(boxes_module, "_resolve_near", counting)
+    monkeypatch.setattr(upsampled_runs, "_resolve_near", counting)
     rng = np.random.default_rng(seed)
     for trial in range(14):
         batch = int(rng.integers(1, 5))
@@ -169,17 +169,17 @@ def test_speckle_at_the_threshold_stays_exact(monkeypatch):
     # Source values exactly at the threshold (1/3 here) over whole cells: torch's rounding
     # makes a speckle there (1/3 * w0 + 1/3 * w1 is not always 1/3 in float32) that no line
     # predicts; that image is labelled from its pixels instead. Same boxes as the reference.
-    import model.boxes as boxes_module
+    import model.upsampled_runs as upsampled_runs
 
     fallback = []
-    resolve = boxes_module._resolve_near
+    resolve = upsampled_runs._resolve_near
 
     def counting(*args):
         result = resolve(*args)
         fallback.append(int(result[3].sum()))  # images sent to the pixel path
         return result
 
-    monkeypatch.setattr(boxes_module, "_resolve_near", counting)
+    monkeypatch.setattr(upsampled_runs, "_resolve_near", counting)
     maps = torch.from_numpy((np.round(np.random.default_rng(18).random((1, 1, 14, 14)) * 3) / 3).astype(np.float32))
     maps = torch.cat([maps, random_maps(np.random.default_rng(3), 2, 14, 14)])  # and two ordinary maps
     sizes = [(384, 399), (300, 200), (451, 333)]
@@ -208,9 +208,9 @@ def test_upsampling_emulation_is_bit_exact():
     # boxes_from_maps computes torch's upsampled values itself where they decide a pixel: bit
     # for bit, or a box could move by a pixel. If a torch upgrade changes its kernel, this
     # fails and boxes_from_maps quietly takes the (slower) full-size path.
-    from model.boxes import _emulation_matches_torch, _upsample_exact
+    from model.upsampled_runs import emulation_matches_torch, upsample_exact
 
-    assert _emulation_matches_torch()
+    assert emulation_matches_torch()
     rng = np.random.default_rng(9)
     for _ in range(40):
         h, w = (int(v) for v in rng.integers(1, 20, 2))
@@ -218,7 +218,7 @@ def test_upsampling_emulation_is_bit_exact():
         width = int(rng.integers(max(1, 129 - height), 600))
         m = (rng.random((h, w)) * rng.choice([1, 30, 1e-3]) - rng.random()).astype(np.float32)
         ref = F.interpolate(torch.from_numpy(m)[None, None], size=(height, width), mode="bilinear", align_corners=False)
-        np.testing.assert_array_equal(_upsample_exact(m, height, width), ref[0, 0].numpy(), err_msg=f"{(h, w)} {(height, width)}")
+        np.testing.assert_array_equal(upsample_exact(m, height, width), ref[0, 0].numpy(), err_msg=f"{(h, w)} {(height, width)}")
 
 
 def test_normalized_upsampled_maps_by_hand():
