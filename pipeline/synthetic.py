@@ -27,8 +27,11 @@ from pipeline.shard_writer import ShardWriter
 
 # "plumage" is the pre-training family (a stand-in for ImageNet, docs/quality.md): the same
 # birds, but the class is the plumage (body colour and pattern), so evidence covers the
-# whole object, as it does for most ImageNet classes; the head is random.
-FAMILIES = ("birds", "vehicles", "plumage")
+# whole object, as it does for most ImageNet classes; the head is random. "species" is the
+# second pre-training stand-in: every part co-varies with the class (body hue and
+# pattern, head hue and pattern, as a species sets all of a bird's colours at once), so
+# all of an object's patches carry class evidence, not one part.
+FAMILIES = ("birds", "vehicles", "plumage", "species")
 HUE_NAMES = (
     "red", "orange", "yellow", "lime", "green", "teal",
     "cyan", "azure", "blue", "violet", "magenta", "pink",
@@ -37,6 +40,7 @@ PATTERNS = {
     "birds": ("plain", "capped", "masked", "cheeked"),
     "vehicles": ("solid", "striped", "split", "ringed"),
     "plumage": ("plain", "barred", "streaked", "scaled"),
+    "species": ("plain", "barred", "streaked", "scaled"),
 }
 MAX_CLASSES = len(HUE_NAMES) * 4
 _CHUNK = 128  # images drawn together; fixed, so samples do not depend on the shard size
@@ -341,7 +345,9 @@ def _contrast_with(img, cover, color, min_diff=0.2):
 def _draw_birds(rng, canvas: _Canvas, img, hues, patterns, evidence: str = "head"):
     """A bird: body, wing, tail, beak and eye common to all classes; the head is the class.
 
-    ``evidence="plumage"`` (the pre-training family) moves the class to the body instead.
+    ``evidence="plumage"`` (a pre-training family) moves the class to the body instead;
+    ``evidence="whole"`` puts it everywhere: body, wing and head colours and the patterns
+    of body and head all follow the class.
     """
     n = img.shape[0]
     bb = rng.uniform(0.5, 0.65, n)  # body half-height (half-length is 1)
@@ -373,14 +379,14 @@ def _draw_birds(rng, canvas: _Canvas, img, hues, patterns, evidence: str = "head
 
     # Plumage: any dull colour, barred with a random frequency and direction.
     plumage = hsv_to_rgb(rng.random(n), rng.uniform(0.1, 0.5, n), rng.uniform(0.25, 0.85, n))
-    if evidence == "plumage":
+    if evidence in ("plumage", "whole"):
         plumage = hsv_to_rgb((hues + rng.uniform(-0.02, 0.02, n)) % 1, rng.uniform(0.55, 0.9, n),
                              rng.uniform(0.45, 0.9, n))
     plumage = _contrast_with(img, cover, plumage)
     bar_dir = _col(rng.uniform(0, np.pi, n))
     bars = np.sin((u * np.cos(bar_dir) + v * np.sin(bar_dir)) * _col(rng.uniform(6, 14, n)))
     shade = 1 + _col(rng.uniform(0.0, 0.25, n)) * bars + 0.15 * v / _col(bb)  # lighter belly
-    if evidence == "plumage":
+    if evidence in ("plumage", "whole"):
         p = _col(patterns)
         marks = np.where(p == 1, np.sin(v * 12), np.where(p == 2, np.sin(u * 12), np.sin(u * 10) * np.sin(v * 10)))
         shade = 1 + 0.35 * marks * (p > 0) + 0.15 * v / _col(bb)
@@ -391,13 +397,14 @@ def _draw_birds(rng, canvas: _Canvas, img, hues, patterns, evidence: str = "head
     _paint(img, tail * (u < -1.0), wing_col)
 
     # Head: the class lives here (hue and pattern), everything else is shared.
-    head_hues = hues if evidence == "head" else rng.random(n)
+    # "whole": the head's hue is the body's, turned a third of the wheel (one colour scheme per class).
+    head_hues = {"head": hues, "whole": (hues + 1 / 3) % 1}.get(evidence, rng.random(n))
     head_col = hsv_to_rgb((head_hues + rng.uniform(-0.02, 0.02, n)) % 1, rng.uniform(0.65, 0.95, n),
                           rng.uniform(0.6, 0.95, n))
     _paint(img, head, head_col)
     dark = np.full((n, 3), 0.08, dtype=np.float32)
     du, dv = u - _col(hu), v - _col(hv)
-    p = _col(patterns if evidence == "head" else rng.integers(0, 4, n))
+    p = _col(patterns if evidence in ("head", "whole") else rng.integers(0, 4, n))
     cap = head * (dv < -0.25 * _col(rh)) * (p == 1)
     mask_band = head * (np.abs(dv + 0.1 * _col(rh)) < 0.2 * _col(rh)) * (p == 2)
     cheek = _soft(_ellipse(du, dv, _col(0.05 * rh), _col(0.4 * rh), _col(0.45 * rh), _col(0.3 * rh)) * px) * (p == 3)
@@ -480,9 +487,9 @@ def render_chunk(
     hues, patterns = hue_table[labels], pattern_table[labels]
     canvas = _Canvas.make(image_size)
     n = len(labels)
-    if family in ("birds", "plumage"):
+    if family in ("birds", "plumage", "species"):
         img = _natural_background(rng, canvas, n)
-        evidence = "head" if family == "birds" else "plumage"
+        evidence = {"birds": "head", "plumage": "plumage", "species": "whole"}[family]
         cover, part, pose = _draw_birds_with_perch(rng, canvas, img, hues, patterns, evidence)
     else:
         img = _urban_background(rng, canvas, n)
