@@ -110,9 +110,9 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=SIZES["train"])
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args()
-    import ray
+    from pipeline.train_job import start_local_ray
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False)
+    start_local_ray(num_cpus=os.cpu_count() or 2)
     sizes = dict(SIZES, train=a.train_samples)
     for family in a.families:
         rows: dict[str, list[dict]] = {m: [] for m in a.methods}

@@ -127,13 +127,15 @@ def overlay(run_url: str, specs: dict[str, str], opts: DemoOptions, method: str)
 def run_demo(opts: DemoOptions) -> dict:
     import ray
 
+    from pipeline.train_job import start_local_ray
+
     started = time.time()
     os.makedirs(opts.workdir, exist_ok=True)
     specs = make_data(opts)
     if not ray.is_initialized():
         # Its own temp dir: other Ray clusters on the machine are left alone.
         temp_dir = tempfile.mkdtemp(prefix="satloc-demo-ray-", dir="/tmp")
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _temp_dir=temp_dir)
+        start_local_ray(num_cpus=os.cpu_count() or 2, _temp_dir=temp_dir)
     results, seconds, runs = {}, {}, {}
     for method in opts.methods:
         t = time.time()

@@ -20,7 +20,7 @@ from model.checkpoint import default_config
 from pipeline.storage import StorageError, url_to_fs
 from pipeline.synthetic import class_names, write_synthetic_shards
 from pipeline.train_data import TrainDataError
-from pipeline.train_job import TrainOptions, run_training
+from pipeline.train_job import TrainOptions, run_training, start_local_ray
 from pipeline.train_loop import TrainConfig, build_model, is_token_or_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -33,14 +33,15 @@ MODEL_KWARGS = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2, reweight_b
 
 @pytest.fixture(scope="module")
 def cluster(s3_store):
-    """Ray in-process on loopback with its own short temp dir; AWS_* point at SeaweedFS."""
+    """Ray in-process on loopback with its own short temp dir, started as the train job starts
+    one (``start_local_ray``); AWS_* point at SeaweedFS."""
     import ray
 
     saved = {k: os.environ.get(k) for k in s3_store.env()}
     os.environ.update(s3_store.env())
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp_dir, log_to_driver=True)
+    start_local_ray(address="local", num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+                    log_to_driver=True)
     try:
         yield s3_store
     finally:
@@ -173,6 +174,17 @@ def test_freeze_token_trains_only_token_head_and_gated_blocks(full_run, data, tm
     assert any(n.startswith("blocks.0.") for n in frozen) and "patch_embed.proj.weight" in frozen
     assert [n for n in frozen if not torch.equal(before[n], after[n])] == []
     assert [n for n in trainable if torch.equal(before[n], after[n])] == []
+
+
+def test_train_run_logs_no_state_api_warning(data, capfd, tmp_path):
+    # Ray Train's PlacementGroupCleaner polls the state API (served by the dashboard) about
+    # once a second and warns when it cannot; the in-process cluster must answer it.
+    run_training(options(data, "quiet", epochs=1, storage_path=str(tmp_path / "runs"),
+                         output=str(tmp_path / "quiet.safetensors")))
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines()
+    assert [ln for ln in lines if "Failed to query Ray Train Controller" in ln] == []
+    assert [ln for ln in lines if "Exception in thread PlacementGroupCleanerMonitor" in ln] == []
 
 
 def _write_local(url: str, drop_labels: bool = False, drop_class: int | None = None) -> str:
