@@ -95,6 +95,23 @@ def evaluate(model, cfg, images, labels, boxes, masks, tau_from=None):
     return evaluate_maps(norm, logits, labels, boxes, masks, tau_from, float(maps.mean()))
 
 
+def map_statistics(model, cfg, images, masks) -> dict:
+    """The patch-grid map's spread and where it is high, e.g. before training: from scratch
+    it starts flat; from a pre-trained backbone the random spatial query already draws a
+    pattern, which the normalization term then sharpens wherever it lies."""
+    maps = torch.cat([mp for _, mp in predict(model, images.split(256), cfg)])[:, 0]
+    cell = images.shape[-1] // maps.shape[-1]
+    on_object = F.avg_pool2d(torch.from_numpy(masks).float()[:, None], cell)[:, 0] > 0.5
+    inside = np.array([float(m[o].mean()) if o.any() else np.nan for m, o in zip(maps, on_object)])
+    outside = np.array([float(m[~o].mean()) if (~o).any() else np.nan for m, o in zip(maps, on_object)])
+    flat = maps.flatten(1)
+    return {
+        "mean": round(float(flat.mean()), 3),
+        "per_image_std": round(float(flat.std(1).mean()), 3),
+        "higher_inside_object": round(float(np.nanmean(inside > outside)) * 100, 1),
+    }
+
+
 # --- trivial baselines: what the data gives away without learning anything ---------------
 
 
@@ -204,6 +221,9 @@ def main(argv=None):
         pretrained=a.pretrained, backbone_lr_scale=a.backbone_lr_scale, seed=a.seed,
     )
     model = build_model(cfg)
+    init_map = map_statistics(model, cfg, val[0], val[3]) if a.method == "sat" else None
+    if init_map:
+        print(f"map before training (val): {init_map}", flush=True)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(a.seed)
     steps = len(train[0]) // a.batch_size
@@ -228,6 +248,8 @@ def main(argv=None):
     v = evaluate(model, cfg, *val)
     t = evaluate(model, cfg, *test, tau_from=v["tau"])
     row = {"tag": a.tag, "method": a.method, "seed": a.seed, "args": vars(a), "train_s": round(train_s), "val": v, "test": t}
+    if init_map:
+        row["init_map"] = init_map
     if best is not None:
         row.update(selected_epoch=best[1], val_curve=curve, last_epoch=last)
     print(json.dumps(row), flush=True)
