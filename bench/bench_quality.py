@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=SIZES["train"])
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args()
-    from pipeline.train_job import start_local_ray
+    from pipeline.local_ray import start_local_ray
 
     start_local_ray(num_cpus=os.cpu_count() or 2)
     sizes = dict(SIZES, train=a.train_samples)

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from pipeline.synthetic import write_synthetic_shards  # noqa: E402
 from pipeline.train_data import index_split, train_batches  # noqa: E402
-from pipeline.train_job import TrainOptions, run_training, start_local_ray  # noqa: E402
+from pipeline.local_ray import start_local_ray  # noqa: E402
+from pipeline.train_job import TrainOptions, run_training  # noqa: E402
 from pipeline.train_loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             plain_by_threads[threads] = plain_loop(args, train_dir, num_classes, threads)[1:]
             print(f"plain loop, {threads} thread(s): {np.mean(plain_by_threads[threads]):.1f} img/s", flush=True)
         best = max(plain_by_threads, key=lambda t: np.mean(plain_by_threads[t]))
-        start_local_ray(address="local", num_cpus=args.cores, _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+        start_local_ray(num_cpus=args.cores, _temp_dir=temp_dir)
         in_ray = plain_loop_in_ray(args, train_dir, num_classes, best)[1:]
         print(f"plain loop in a Ray task, {best} thread(s): {np.mean(in_ray):.1f} img/s", flush=True)
         results = {}

@@ -127,7 +127,7 @@ def overlay(run_url: str, specs: dict[str, str], opts: DemoOptions, method: str)
 def run_demo(opts: DemoOptions) -> dict:
     import ray
 
-    from pipeline.train_job import start_local_ray
+    from pipeline.local_ray import start_local_ray
 
     started = time.time()
     os.makedirs(opts.workdir, exist_ok=True)

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from model.checkpoint import read_config
+from pipeline.local_ray import start_local_ray
 from pipeline.localize_rows import RowSettings
 from pipeline.localize_worker import PRECISIONS, WorkerSettings, grid_shape, output_counts
 from pipeline.shard_jobs import ShardJob
@@ -233,11 +234,16 @@ def plan_run(shard_urls: list[str], output: str, run_id: str, overwrite: bool) -
 
 
 def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start the embedded local cluster."""
+    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start the embedded local cluster
+    (never join some other cluster found on the machine)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        start_local_ray(log_to_driver=True)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch
 from model.checkpoint import checkpoint_bytes, default_config, fingerprint, load_checkpoint, read_config, save_checkpoint
 from model.factory import model_kwargs as resolve_model_kwargs
 from model.factory import split_name
+from pipeline.local_ray import start_local_ray
 from pipeline.storage import (
     StorageError,
     check_writable,
@@ -270,29 +271,6 @@ def pyarrow_storage(storage_path: str):
 # --- Ray -------------------------------------------------------------------------------
 
 
-def start_local_ray(**init_kwargs) -> None:
-    """``ray.init(**init_kwargs)`` for an in-process cluster, with the state API Ray Train polls.
-
-    Ray Train's PlacementGroupCleaner asks the state API (served by the dashboard) once a
-    second whether the controller lives, and logs "Failed to query Ray Train Controller actor
-    state" every time it cannot. So: the dashboard, on loopback, on a free port (two clusters
-    on one machine do not collide). Its state client finds the cluster from RAY_ADDRESS; a
-    worker has none and would scan the machine ("Found multiple active Ray instances" when
-    another cluster runs), so a setup hook sets it in every worker of this cluster.
-    """
-    import ray
-
-    def pin_ray_address() -> None:  # local: pickled by value, workers do not import this module
-        import os
-
-        import ray
-
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
-             runtime_env={"worker_process_setup_hook": pin_ray_address}, **init_kwargs)
-
-
 def ensure_ray(options: TrainOptions) -> None:
     """Use the connected cluster, RAY_ADDRESS's, or start an in-process one on loopback."""
     import ray
@@ -302,7 +280,7 @@ def ensure_ray(options: TrainOptions) -> None:
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or a cluster named by the user
         ray.init()  # the job's runtime_env stays; AWS_* reach tasks and workers per call
         return
-    start_local_ray(address="local", _node_ip_address="127.0.0.1", _temp_dir=options.ray_temp_dir)
+    start_local_ray(_temp_dir=options.ray_temp_dir)
 
 
 def _with_storage_env(env: dict[str, str], fn, *args):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -312,6 +313,32 @@ def test_cli_exit_code_2_when_no_shard_matches(data, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "matches no shard" in proc.stderr and str(tmp_path / "x-{000..009}.tar") in proc.stderr
     assert not out.exists()
+
+
+def test_cli_without_ray_address_starts_its_own_cluster_on_loopback(data, first_run, tmp_path):
+    # The embedded default (no RAY_ADDRESS): a new in-process cluster (pipeline.local_ray), in
+    # its own temp dir here (RAY_TMPDIR), whose rows are those of the in-test cluster's run.
+    ray_tmp = tempfile.mkdtemp(prefix="rl_", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "jobs/localize_shards.py", "--shards", data["shards"] + "val-{000000..000001}.tar",
+             "--checkpoint", data["checkpoint"], "--output", str(out), "--run-id", "embedded",
+             "--num-actors", "1", "--batch-size", str(BATCH)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        sessions = list(Path(ray_tmp).glob("**/session_*/logs"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[localize] done: 2 shards processed, 0 failed, 24 images" in proc.stdout
+    assert sessions, f"the job's cluster did not use RAY_TMPDIR {ray_tmp}"
+    local = _read_run(first_run["summary"].run_url)
+    for stem, table in _read_run(str(out / "embedded")).items():
+        cols = ["key", "label", "loc_map", "boxes"]
+        assert table.select(cols).equals(local[stem].select(cols))
 
 
 # --- object storage ----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from model.checkpoint import default_config
 from pipeline.storage import StorageError, url_to_fs
 from pipeline.synthetic import class_names, write_synthetic_shards
 from pipeline.train_data import TrainDataError
-from pipeline.train_job import TrainOptions, run_training, start_local_ray
+from pipeline.local_ray import start_local_ray
+from pipeline.train_job import TrainOptions, run_training
 from pipeline.train_loop import TrainConfig, build_model, is_token_or_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -40,8 +41,7 @@ def cluster(s3_store):
     saved = {k: os.environ.get(k) for k in s3_store.env()}
     os.environ.update(s3_store.env())
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    start_local_ray(address="local", num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-                    log_to_driver=True)
+    start_local_ray(num_cpus=2, _temp_dir=temp_dir, log_to_driver=True)
     try:
         yield s3_store
     finally:
