@@ -398,7 +398,12 @@ def _draw_birds(rng, canvas: _Canvas, img, hues, patterns, evidence: str = "head
 
     # Head: the class lives here (hue and pattern), everything else is shared.
     # "whole": the head's hue is the body's, turned a third of the wheel (one colour scheme per class).
-    head_hues = {"head": hues, "whole": (hues + 1 / 3) % 1}.get(evidence, rng.random(n))
+    if evidence == "head":
+        head_hues = hues
+    elif evidence == "whole":
+        head_hues = (hues + 1 / 3) % 1
+    else:  # the only draw here: the birds' random stream stays as it was before "whole"
+        head_hues = rng.random(n)
     head_col = hsv_to_rgb((head_hues + rng.uniform(-0.02, 0.02, n)) % 1, rng.uniform(0.65, 0.95, n),
                           rng.uniform(0.6, 0.95, n))
     _paint(img, head, head_col)
