@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.local_ray import start_local_ray  # noqa: E402
 from pipeline.synthetic import write_synthetic_shards  # noqa: E402
 from pipeline.train_data import index_split, train_batches  # noqa: E402
-from pipeline.local_ray import start_local_ray  # noqa: E402
 from pipeline.train_job import TrainOptions, run_training  # noqa: E402
 from pipeline.train_loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
 

@@ -6,25 +6,14 @@ For each image: upsample its patch-grid map bilinearly to the image's original s
 exclusive). ``largest`` keeps the largest component (the official rule); ``all`` keeps every
 component. An empty (constant) map gives the whole image.
 
-How it is fast (the result is the per-image path's, box for box; the labelling is in
-``model.box_runs``, the line path in ``model.upsampled_runs``):
+How it is fast (the result is the per-image path's, box for box):
 
-* Components come from foreground runs (maximal horizontal pixel intervals), never from a
-  label image. The runs of a batch sit on a virtual canvas (images stacked, a background row
-  and column between them, so nothing joins across images); a run's touching runs in the
-  row above (overlap or diagonal contact) are one slice of the sorted run list, and one
-  sparse connected-components call labels the batch. Areas, boxes and score sums are sums
-  over runs.
+* Components come from foreground runs (maximal horizontal pixel intervals), labelled for
+  the whole batch in one sparse connected-components call (``model.box_runs``).
 * :func:`boxes_from_normalized` gets the runs from the pixels of maps at image size.
-* :func:`boxes_from_maps` gets them without making the full-size maps. On one output row,
-  between two source columns (a "cell"), bilinear upsampling is a line
-  ``alpha + beta * x`` (float64, torch's float32 weights), within ``delta / 2`` of torch's
-  float32 value (``delta`` bounds torch's rounding). So a cell's foreground is the columns
-  past the line's crossing of the threshold, unless the column nearest the crossing is
-  within ``delta`` of it: those few "near" cells are settled on torch's exact values,
-  computed as torch does (same weights, same fused multiply-adds, bit for bit). The min and
-  max of the map, and the threshold in map units, are exact the same way; score sums are
-  the lines summed in closed form. The work is on (row, cell) arrays in chunks of rows.
+* :func:`boxes_from_maps` gets them without making the full-size maps: from the bilinear
+  upsampling's per-row lines, with torch's exact values computed (bit for bit) only next to
+  the threshold (``model.upsampled_runs``).
 * The pixel path is used instead for images with width + height <= 128 (torch has another
   kernel there), maps whose offset is huge next to their range (for the score sums),
   images with a near cell that is not monotone (rounding on a stretch flat at the

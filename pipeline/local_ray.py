@@ -1,6 +1,21 @@
 """The embedded Ray cluster: what jobs start when no ``RAY_ADDRESS`` names a cluster."""
 from __future__ import annotations
 
+import os
+
+
+def ensure_ray(**local_kwargs) -> None:
+    """Use the connected cluster, RAY_ADDRESS's (``ray job submit`` sets it), or start the
+    embedded one with ``local_kwargs`` (never join some other cluster found on the machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # the job's runtime_env stays; storage variables reach workers per call
+        return
+    start_local_ray(**local_kwargs)
+
 
 def start_local_ray(**init_kwargs) -> None:
     """``ray.init(**init_kwargs)`` for a new in-process cluster on loopback, with the state API

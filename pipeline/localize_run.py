@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import sys
 import time
@@ -25,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from model.checkpoint import read_config
-from pipeline.local_ray import start_local_ray
+from pipeline.local_ray import ensure_ray
 from pipeline.localize_rows import RowSettings
 from pipeline.localize_worker import PRECISIONS, WorkerSettings, grid_shape, output_counts
 from pipeline.shard_jobs import ShardJob
@@ -231,19 +230,6 @@ def plan_run(shard_urls: list[str], output: str, run_id: str, overwrite: bool) -
 
 
 # --- cluster -------------------------------------------------------------------------------
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start the embedded local cluster
-    (never join some other cluster found on the machine)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        start_local_ray(log_to_driver=True)
 
 
 @dataclass(frozen=True)

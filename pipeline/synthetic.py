@@ -40,8 +40,10 @@ PATTERNS = {
     "birds": ("plain", "capped", "masked", "cheeked"),
     "vehicles": ("solid", "striped", "split", "ringed"),
     "plumage": ("plain", "barred", "streaked", "scaled"),
-    "species": ("plain", "barred", "streaked", "scaled"),
 }
+PATTERNS["species"] = PATTERNS["plumage"]
+# The bird families and where each puts the class (see _draw_birds).
+BIRD_EVIDENCE = {"birds": "head", "plumage": "plumage", "species": "whole"}
 MAX_CLASSES = len(HUE_NAMES) * 4
 _CHUNK = 128  # images drawn together; fixed, so samples do not depend on the shard size
 _JPEG_QUALITY = 90
@@ -492,10 +494,9 @@ def render_chunk(
     hues, patterns = hue_table[labels], pattern_table[labels]
     canvas = _Canvas.make(image_size)
     n = len(labels)
-    if family in ("birds", "plumage", "species"):
+    if family in BIRD_EVIDENCE:
         img = _natural_background(rng, canvas, n)
-        evidence = {"birds": "head", "plumage": "plumage", "species": "whole"}[family]
-        cover, part, pose = _draw_birds_with_perch(rng, canvas, img, hues, patterns, evidence)
+        cover, part, pose = _draw_birds_with_perch(rng, canvas, img, hues, patterns, BIRD_EVIDENCE[family])
     else:
         img = _urban_background(rng, canvas, n)
         cover, part, pose = _draw_vehicles_on_road(rng, canvas, img, hues, patterns)

@@ -33,7 +33,7 @@ import torch
 from model.checkpoint import checkpoint_bytes, default_config, fingerprint, load_checkpoint, read_config, save_checkpoint
 from model.factory import model_kwargs as resolve_model_kwargs
 from model.factory import split_name
-from pipeline.local_ray import start_local_ray
+from pipeline.local_ray import ensure_ray
 from pipeline.storage import (
     StorageError,
     check_writable,
@@ -271,18 +271,6 @@ def pyarrow_storage(storage_path: str):
 # --- Ray -------------------------------------------------------------------------------
 
 
-def ensure_ray(options: TrainOptions) -> None:
-    """Use the connected cluster, RAY_ADDRESS's, or start an in-process one on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or a cluster named by the user
-        ray.init()  # the job's runtime_env stays; AWS_* reach tasks and workers per call
-        return
-    start_local_ray(_temp_dir=options.ray_temp_dir)
-
-
 def _with_storage_env(env: dict[str, str], fn, *args):
     """Run ``fn(*args)`` in a Ray worker after setting the storage variables it was handed.
 
@@ -307,7 +295,7 @@ def index_map(fn, items: list[tuple], options: TrainOptions | None = None) -> li
     import ray
 
     if options is not None:
-        ensure_ray(options)
+        ensure_ray(_temp_dir=options.ray_temp_dir)
     task = ray.remote(num_cpus=1, max_retries=2)(_with_storage_env)
     env = storage_env()  # an argument, never runtime_env (pipeline.storage says why)
     return ray.get([task.remote(env, fn, *item) for item in items])
@@ -574,7 +562,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         "resumed": resuming,
     }
     filesystem, storage_path = pyarrow_storage(options.storage_path)
-    ensure_ray(options)
+    ensure_ray(_temp_dir=options.ray_temp_dir)
     trainer = TorchTrainer(
         partial(_with_storage_env, storage_env(), train_worker),
         train_loop_config=plan,

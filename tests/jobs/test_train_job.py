@@ -17,10 +17,10 @@ import torch
 
 from model import create_model, load_checkpoint, save_checkpoint
 from model.checkpoint import default_config
+from pipeline.local_ray import start_local_ray
 from pipeline.storage import StorageError, url_to_fs
 from pipeline.synthetic import class_names, write_synthetic_shards
 from pipeline.train_data import TrainDataError
-from pipeline.local_ray import start_local_ray
 from pipeline.train_job import TrainOptions, run_training
 from pipeline.train_loop import TrainConfig, build_model, is_token_or_head
 

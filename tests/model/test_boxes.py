@@ -130,12 +130,10 @@ def plateau_maps(rng: np.random.Generator, batch: int, h: int, w: int) -> torch.
     return torch.from_numpy(maps.astype(np.float32))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_large_images_equal_reference(seed, monkeypatch):
-    # Where torch upsamples with its generic kernel (width + height > 128), boxes_from_maps
-    # never makes the full-size maps: it follows the upsampling's lines and computes torch's
-    # exact values only next to the threshold. Same boxes as the per-image reference, also
-    # on plateaus at the threshold (thresholds 0 and 1 included).
+@pytest.fixture
+def near_cells(monkeypatch):
+    """What the line path settled on torch's exact values: near cells, cells whose pixels
+    changed, images sent to the pixel path."""
     import model.upsampled_runs as upsampled_runs
 
     seen = {"near": 0, "redone": 0, "pixel_fallback": 0}
@@ -149,6 +147,16 @@ def test_large_images_equal_reference(seed, monkeypatch):
         return e, rising, changed, bad
 
     monkeypatch.setattr(upsampled_runs, "_resolve_near", counting)
+    return seen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_images_equal_reference(seed, near_cells):
+    # Where torch upsamples with its generic kernel (width + height > 128), boxes_from_maps
+    # never makes the full-size maps: it follows the upsampling's lines and computes torch's
+    # exact values only next to the threshold. Same boxes as the per-image reference, also
+    # on plateaus at the threshold (thresholds 0 and 1 included).
+    seen = near_cells
     rng = np.random.default_rng(seed)
     for trial in range(14):
         batch = int(rng.integers(1, 5))
@@ -165,21 +173,10 @@ def test_large_images_equal_reference(seed, monkeypatch):
     assert seen["near"] > 0 and seen["redone"] > 0  # the exact values were needed, and used
 
 
-def test_speckle_at_the_threshold_stays_exact(monkeypatch):
+def test_speckle_at_the_threshold_stays_exact(near_cells):
     # Source values exactly at the threshold (1/3 here) over whole cells: torch's rounding
     # makes a speckle there (1/3 * w0 + 1/3 * w1 is not always 1/3 in float32) that no line
     # predicts; that image is labelled from its pixels instead. Same boxes as the reference.
-    import model.upsampled_runs as upsampled_runs
-
-    fallback = []
-    resolve = upsampled_runs._resolve_near
-
-    def counting(*args):
-        result = resolve(*args)
-        fallback.append(int(result[3].sum()))  # images sent to the pixel path
-        return result
-
-    monkeypatch.setattr(upsampled_runs, "_resolve_near", counting)
     maps = torch.from_numpy((np.round(np.random.default_rng(18).random((1, 1, 14, 14)) * 3) / 3).astype(np.float32))
     maps = torch.cat([maps, random_maps(np.random.default_rng(3), 2, 14, 14)])  # and two ordinary maps
     sizes = [(384, 399), (300, 200), (451, 333)]
@@ -188,7 +185,7 @@ def test_speckle_at_the_threshold_stays_exact(monkeypatch):
         got = boxes_from_maps(maps, sizes, threshold, mode="all")
         for i in range(3):
             assert_boxes_equal(got[i], reference_boxes(norms[i], threshold, "all", None), f"thr {threshold} image {i}")
-    assert sum(fallback) > 0
+    assert near_cells["pixel_fallback"] > 0
 
 
 def test_large_images_many_thresholds_equal_pixel_path():
