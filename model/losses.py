@@ -1,8 +1,21 @@
 """The SAT loss (DESIGN §5): CE + |mean(M) - alpha| + mean(M~ (1 - M~)).
 
-The area term uses the mean map area over the *global* batch: under DDP the official
-code used each GPU's own batch; here the per-rank sums are all-reduced (with gradients
-flowing to the local part) whenever ``torch.distributed`` is initialised.
+Every term is a mean over the *global* batch, so that training on W ranks under DDP
+follows the same gradient as one process on the concatenated batch:
+
+- The area term's value uses the global batch (the official code used each GPU's own
+  batch under DDP): per-rank sums and counts are all-reduced whenever
+  ``torch.distributed`` is initialised with more than one rank.
+- DDP averages the ranks' gradients, i.e. divides their sum by W. So the local part of
+  each global mean carries a gradient of W / N_global per element (not 1 / N_global, which
+  trained the area term at 1/W of its weight): after DDP's averaging every element of
+  every rank contributes 1 / N_global, as on one process. CE and the normalisation term
+  go through the same global mean, which also keeps them right when the ranks' batches
+  differ in size (a plain local mean weighs a short batch's images up).
+
+This assumes the model is wrapped in DDP (or anything that averages gradients over the
+ranks) whenever a process group of several ranks is up; with no group, or one rank, every
+mean is the plain local mean.
 """
 from __future__ import annotations
 
@@ -51,19 +64,61 @@ class SATLossParts(NamedTuple):
     norm: torch.Tensor
 
 
-def global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over all ranks' elements; the gradient flows through the local part."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x.mean()
-    stats = torch.stack([x.sum().detach(), torch.tensor(float(x.numel()), device=x.device)])
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def global_means(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The mean of each ``x`` over all ranks' elements, in one all-reduce.
+
+    Forward: global sum / global count. Backward: W / N_global per local element, so that
+    DDP's averaging over the W ranks leaves 1 / N_global, the one-process gradient on the
+    concatenated batch. Without a process group (or with one rank) this is ``x.mean()``.
+    """
+    world = _world_size()
+    if world == 1:
+        return tuple(x.mean() for x in xs)
+    sums = [x.sum() for x in xs]
+    stats = torch.stack(
+        [t for x, s in zip(xs, sums) for t in (s.detach().float(), torch.tensor(float(x.numel()), device=x.device))]
+    )
     dist.all_reduce(stats)
-    # value = global sum / global count; d/dx_local = 1 / global count
-    return (x.sum() + (stats[0] - x.sum().detach())) / stats[1]
+    means = []
+    for i, s in enumerate(sums):
+        total, count = stats[2 * i], stats[2 * i + 1]
+        # (s - s.detach()) is exactly 0 forward and carries s's graph backward.
+        means.append((total / count).to(s.dtype) + (s - s.detach()) * (world / count))
+    return tuple(means)
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """``global_means`` of one tensor."""
+    return global_means(x)[0]
 
 
 def smooth_map(loc_map: torch.Tensor, nsig: float = 6.0) -> torch.Tensor:
     kernel = gaussian_kernel_3x3(nsig).to(loc_map)
     return F.conv2d(loc_map, kernel.view(1, 1, 3, 3), padding=1)
+
+
+def sat_loss_terms(
+    logits: torch.Tensor, loc_map: torch.Tensor, targets: torch.Tensor, config: SATLossConfig = SATLossConfig()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unweighted (ce, area, norm) terms, each with its graph (one all-reduce under DDP)."""
+    if loc_map.ndim != 4 or loc_map.shape[1] != 1:
+        raise ValueError(f"loc_map must be B x 1 x h x w, got {tuple(loc_map.shape)}")
+    ce_each = F.cross_entropy(logits.float(), targets, reduction="none")
+    loc_map = loc_map.float()
+    smoothed = smooth_map(loc_map, config.smooth_nsig)
+    if config.area_mode == "batch":
+        area_of = loc_map  # |global mean over images and pixels - alpha|
+    else:
+        area_of = (loc_map.mean(dim=(1, 2, 3)) - config.alpha).abs()  # then the global mean
+    ce, area_mean, norm = global_means(ce_each, area_of, smoothed * (1 - smoothed))
+    area = (area_mean - config.alpha).abs() if config.area_mode == "batch" else area_mean
+    return ce, area, norm
 
 
 def sat_loss(
@@ -74,15 +129,6 @@ def sat_loss(
     spatial_scale: float = 1.0,
 ) -> SATLossParts:
     """Total loss and its parts. ``spatial_scale`` (0..1) ramps the two map terms in."""
-    if loc_map.ndim != 4 or loc_map.shape[1] != 1:
-        raise ValueError(f"loc_map must be B x 1 x h x w, got {tuple(loc_map.shape)}")
-    ce = F.cross_entropy(logits.float(), targets)
-    loc_map = loc_map.float()
-    if config.area_mode == "batch":
-        area = (global_mean(loc_map) - config.alpha).abs()
-    else:
-        area = global_mean((loc_map.mean(dim=(1, 2, 3)) - config.alpha).abs())
-    smoothed = smooth_map(loc_map, config.smooth_nsig)
-    norm = (smoothed * (1 - smoothed)).mean()
+    ce, area, norm = sat_loss_terms(logits, loc_map, targets, config)
     total = ce + spatial_scale * (config.area_weight * area + config.norm_weight * norm)
     return SATLossParts(total, ce.detach(), area.detach(), norm.detach())

@@ -14,7 +14,15 @@ from scipy import ndimage
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from model.losses import SATLossConfig, gaussian_kernel_3x3, global_mean, sat_loss, smooth_map
+from model.factory import create_model
+from model.losses import (
+    SATLossConfig,
+    gaussian_kernel_3x3,
+    global_mean,
+    sat_loss,
+    sat_loss_terms,
+    smooth_map,
+)
 
 
 def hand_gkern(nsig: float = 6.0) -> np.ndarray:
@@ -126,8 +134,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank: int, world: int, port: int, scenarios: list[dict], out: str):
-    """One rank: per scenario its maps are constant ``values[rank]``; report area value and gradient."""
+def _rank_worker(rank: int, world: int, port: int, scenarios: list[dict], out: str, ddp_cases: list[dict]):
+    """One rank: the area value and gradient of constant maps, then DDP gradients of a tiny SAT."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -153,18 +161,77 @@ def _rank_worker(rank: int, world: int, port: int, scenarios: list[dict], out: s
                 "global_mean": g.item(),
                 "global_mean_grad": x.grad.unique().tolist(),
             })
+        ddp_grads = [_ddp_term_grads(rank, case) for case in ddp_cases]
         with open(out, "w") as f:
             json.dump(results, f)
+        torch.save(ddp_grads, out + ".grads.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_two_ranks(tmp_path, scenarios: list[dict], timeout: float = 120.0) -> list[list[dict]]:
-    """Per scenario, the two ranks' results."""
+# A SAT small enough for CPU tests: 32 px, 4 x 4 grid, 2 blocks (both re-weighted).
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reweight_blocks=2, drop_path_rate=0.0)
+TERMS = ("ce", "area", "norm", "total")
+
+
+def _tiny_sat():
+    torch.manual_seed(0)
+    return create_model("sat_vit_micro_patch8_64", 3, **TINY)
+
+
+def _global_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _straddling_alpha(images: torch.Tensor) -> float:
+    """An alpha with half the images' map areas above it and half below, so that the two
+    area modes differ (with every image on one side, their gradients would be the same)."""
+    with torch.no_grad():
+        areas = _tiny_sat()(images).loc_map.mean(dim=(1, 2, 3)).sort().values
+    mid = len(areas) // 2
+    return float(areas[mid - 1] + areas[mid]) / 2
+
+
+def _term(model, images, labels, mode: str, term: str, alpha: float) -> torch.Tensor:
+    out = model(images)
+    config = SATLossConfig(alpha=alpha, area_mode=mode)
+    if term == "total":
+        return sat_loss(out.logits, out.loc_map, labels, config).total
+    return sat_loss_terms(out.logits, out.loc_map, labels, config)[TERMS.index(term)]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
+
+
+def _ddp_term_grads(rank: int, case: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Per term, every parameter's gradient after DDP's averaging, on this rank's slice."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    images, labels = _global_batch(sum(case["batches"]))
+    start = sum(case["batches"][:rank])
+    mine = slice(start, start + case["batches"][rank])
+    alpha = _straddling_alpha(images)
+    grads = {}
+    for term in TERMS:
+        ddp = DistributedDataParallel(_tiny_sat(), find_unused_parameters=True)
+        _term(ddp, images[mine], labels[mine], case["mode"], term, alpha).backward()
+        grads[term] = _grads(ddp.module)
+    return grads
+
+
+def run_two_ranks(
+    tmp_path, scenarios: list[dict], ddp_cases: list[dict] = (), timeout: float = 120.0
+) -> tuple[list[list[dict]], list[list[dict]]]:
+    """Per scenario the two ranks' results; per DDP case the two ranks' gradients."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, scenarios, outs[r])) for r in range(2)]
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, scenarios, outs[r], list(ddp_cases))) for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -181,12 +248,63 @@ def run_two_ranks(tmp_path, scenarios: list[dict], timeout: float = 120.0) -> li
     for path in outs:
         with open(path) as f:
             per_rank.append(json.load(f))
-    return list(zip(*per_rank))
+    grads = [torch.load(path + ".grads.pt") for path in outs]
+    return list(zip(*per_rank)), list(zip(*grads))
+
+
+DDP_CASES = [
+    dict(mode="batch", batches=[2, 2]),
+    dict(mode="image", batches=[2, 2]),
+    # Unequal batches: a plain local mean would weigh rank 0's one image up (CE and norm too).
+    dict(mode="batch", batches=[1, 3]),
+    dict(mode="image", batches=[1, 3]),
+]
+
+
+def gradient_ratio(ddp: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> float:
+    """Least-squares scale of DDP's gradient against one process's, over all parameters."""
+    a = torch.cat([ddp[n].flatten().double() for n in one])
+    b = torch.cat([one[n].flatten().double() for n in one])
+    return float(a @ b / (b @ b))
+
+
+@pytest.mark.timeout(240)
+def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """2 gloo ranks, a tiny SAT in DistributedDataParallel: for each term of both area modes,
+    every parameter's gradient equals one process's on the concatenated batch (rtol 1e-5)."""
+    _, per_case = run_two_ranks(tmp_path, [], DDP_CASES)
+    torch.set_num_threads(1)
+    ratios, area_grads = {}, {}
+    for case, (rank0, rank1) in zip(DDP_CASES, per_case):
+        images, labels = _global_batch(sum(case["batches"]))
+        alpha = _straddling_alpha(images)
+        for term in TERMS:
+            model = _tiny_sat()
+            _term(model, images, labels, case["mode"], term, alpha).backward()
+            one = _grads(model)
+            if term == "area":
+                area_grads[case["mode"], len(images)] = one
+            scale = max(g.abs().max().item() for g in one.values())
+            assert scale > 0
+            for name, expected in one.items():
+                # DDP leaves the same averaged gradient on both ranks.
+                torch.testing.assert_close(rank1[term][name], rank0[term][name], rtol=0, atol=0)
+                torch.testing.assert_close(
+                    rank0[term][name], expected, rtol=1e-5, atol=1e-6 * scale,
+                    msg=lambda m, n=name, t=term, c=case: f"{c} {t} {n}: {m}",
+                )
+            ratios[f"{case['mode']} {case['batches']} {term}"] = gradient_ratio(rank0[term], one)
+    print("DDP / one-process gradient ratio:", json.dumps(ratios, indent=1))
+    assert all(r == pytest.approx(1.0, abs=1e-5) for r in ratios.values())
+    # The two area modes really train differently here (so both were put to the test).
+    for n in (4,):
+        batch, image = area_grads["batch", n], area_grads["image", n]
+        assert max((batch[k] - image[k]).abs().max().item() for k in batch) > 1e-4
 
 
 @pytest.mark.timeout(240)
 def test_area_term_uses_the_global_batch(tmp_path):
-    equal, unequal = run_two_ranks(
+    (equal, unequal), _ = run_two_ranks(
         tmp_path,
         [
             # rank 0 all 1, rank 1 all 0, equal batches -> global mean 0.5 on both ranks.
@@ -195,15 +313,17 @@ def test_area_term_uses_the_global_batch(tmp_path):
             dict(batches=[1, 3], values=[1.0, 0.0], alpha=0.35),
         ],
     )
+    # The local gradient is W / N_global per element: DDP's averaging over the W = 2 ranks
+    # then leaves 1 / N_global, as on one process (1 / N_global locally trained at 1 / W).
     for r in equal:
         assert r["area"] == pytest.approx(abs(0.5 - 0.25), abs=1e-6)  # not 0.75 / 0.25 per rank
-        assert r["grad"] == pytest.approx([1 / 64])  # sign(+) / global count (2 ranks x 2 x 16)
-        # global_mean of arange: each rank holds 0..31 -> 15.5; gradient 1 / 64.
+        assert r["grad"] == pytest.approx([2 / 64])  # sign(+) x 2 ranks / global count (2 x 2 x 16)
+        # global_mean of arange: each rank holds 0..31 -> 15.5; local gradient 2 / 64.
         assert r["global_mean"] == pytest.approx(15.5)
-        assert r["global_mean_grad"] == pytest.approx([1 / 64])
+        assert r["global_mean_grad"] == pytest.approx([2 / 64])
     for r in unequal:
         assert r["area"] == pytest.approx(0.10, abs=1e-6)
-        assert r["grad"] == pytest.approx([-1 / 64])  # sign(0.25 - 0.35) / (4 x 16)
+        assert r["grad"] == pytest.approx([-2 / 64])  # sign(0.25 - 0.35) x 2 / (4 x 16)
         # arange: rank 0 holds 0..15 (sum 120), rank 1 0..47 (sum 1128) -> 1248 / 64.
         assert r["global_mean"] == pytest.approx(1248 / 64)
-        assert r["global_mean_grad"] == pytest.approx([1 / 64])
+        assert r["global_mean_grad"] == pytest.approx([2 / 64])
