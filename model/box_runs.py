@@ -92,14 +92,16 @@ def _components(runs: Runs, width: int, row_offset: np.ndarray) -> tuple[np.ndar
 
 
 def pixel_runs(maps: Sequence[np.ndarray], threshold: float, ids: np.ndarray) -> Runs:
-    """Runs of ``map >= threshold``: one pass over a canvas of the masks stacked vertically,
-    each row ending in background, then per image one reduceat pass for the run sums."""
+    """Runs of ``map > threshold`` (as float32, the way torch compares): one pass over a
+    canvas of the masks stacked vertically, each row ending in background, then per image
+    one reduceat pass for the run sums."""
     heights = np.array([m.shape[0] for m in maps])
     offsets = np.concatenate([[0], np.cumsum(heights)])
     width = max(m.shape[1] for m in maps) + 1
     mask = np.zeros((int(offsets[-1]), width), dtype=bool)
+    t = np.float32(threshold)
     for m, off in zip(maps, offsets):
-        np.greater_equal(m, threshold, out=mask[off: off + m.shape[0], : m.shape[1]])
+        np.greater(m, t, out=mask[off: off + m.shape[0], : m.shape[1]])
     flat = mask.ravel()
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     if flat[0]:

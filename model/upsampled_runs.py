@@ -6,9 +6,10 @@ within ``delta / 2`` of torch's float32 value. A cell's foreground is the column
 line's crossing of the threshold, unless the column nearest the crossing is within
 ``delta`` of it: those few "near" cells are settled on torch's exact values, computed as
 torch does (same weights, same fused multiply-adds, bit for bit; checked against
-``F.interpolate`` once per process by :func:`emulation_matches_torch`). The min and max of
-the map and the threshold in map units are exact the same way; score sums are the lines
-summed in closed form. The work is on (row, cell) arrays in chunks of rows.
+``F.interpolate`` once per process by :func:`emulation_matches_torch`). The maps come
+normalised on their grid (the official rule), so the threshold is one float32 for all;
+score sums are the lines summed in closed form. The work is on (row, cell) arrays in
+chunks of rows.
 """
 from __future__ import annotations
 
@@ -154,9 +155,10 @@ class _Model:
 def line_runs(
     maps: np.ndarray, sizes: list[tuple[int, int]], threshold: float, ids: np.ndarray
 ) -> tuple[Runs, np.ndarray]:
-    """Runs of the normalised upsampled maps ``>= threshold`` (images ``ids``) from the lines,
-    and the ids of images this cannot settle (a near cell that is not monotone: rounding on
-    a stretch flat at the threshold), which the caller labels from their pixels."""
+    """Runs of the upsampled maps ``> threshold`` (images ``ids``; ``maps`` already
+    normalised on the grid, so the score sums are sums of the upsampled values) from the
+    lines, and the ids of images this cannot settle (a near cell that is not monotone:
+    rounding on a stretch flat at the threshold), which the caller labels from their pixels."""
     n = len(sizes)
     model = _Model(maps, sizes)
     owner, delta = model.y.owner, model.delta
@@ -172,33 +174,13 @@ def line_runs(
         corners += [alpha + beta * b_x0, alpha + beta * (b_x1 - 1)]
     real = b_x1 > b_x0
     b_max = np.where(real, np.maximum.reduce(corners), -np.inf)
-    b_min = np.where(real, np.minimum.reduce(corners), np.inf)
 
-    def extreme(sign: int) -> np.ndarray:
-        """torch's max (sign 1) or min (-1) per image: exact values at the pixels whose line
-        is within 2 delta of the best corner (a pixel reaches that corner within delta / 2)."""
-        top = b_max if sign > 0 else -b_min
-        level = np.maximum.reduceat(top.max(1), np.searchsorted(b_img, np.arange(n))) - 2 * delta
-        band, cell = np.nonzero(top >= (level - delta)[b_img][:, None])
-        which, rank = _segments(b_len[band])
-        band, cell, rows = band[which], cell[which], b_start[band[which]] + rank
-        alpha, beta = model.line(band, rows, cell)
-        edge, down = _at_least(sign * alpha, sign * beta, b_x0[band, cell], b_x1[band, cell], level[owner[rows]])
-        lo, hi = np.where(down, b_x0[band, cell], edge), np.where(down, edge, b_x1[band, cell])
-        which, rank = _segments((hi - lo).astype(np.int64))
-        out = np.full(n, -np.inf, dtype=np.float32)
-        np.maximum.at(out, owner[rows[which]], sign * model.exact(rows[which], (lo[which] + rank).astype(np.int64)))
-        return sign * out
-
-    hi, lo = extreme(1), extreme(-1)
-    span = hi - lo
-    varies = span > 1e-12  # a constant map normalises to zeros: the whole-image box either way
-    span = np.where(varies, span, np.float32(1))
-    t32 = _threshold_in_map_units(lo, span, threshold)
+    # value > threshold (float32, as torch compares) <=> value >= the next float32 up.
+    t32 = np.full(n, np.nextafter(np.float32(threshold), np.float32(np.inf)), dtype=np.float32)
     t = t32.astype(np.float64)
 
     # Every row of the bands that may hold foreground, against every cell, in chunks.
-    keep = np.flatnonzero((b_max >= (t - delta)[b_img][:, None]).any(1) & varies[b_img])
+    keep = np.flatnonzero((b_max >= (t - delta)[b_img][:, None]).any(1))
     which, rank = _segments(b_len[keep])
     band, rows = keep[which], b_start[keep][which] + rank
     step = max(1, _CHUNK // model.ncell)
@@ -223,7 +205,6 @@ def line_runs(
     if bad.any():
         ok = ~bad[run_img]
         run_img, run_row, start, end, total = run_img[ok], run_row[ok], start[ok], end[ok], total[ok]
-    total = (total - (end - start) * lo[run_img].astype(np.float64)) / span[run_img].astype(np.float64)
     row_start = np.cumsum([0] + [h for _, h in sizes])
     return Runs(ids[run_img], run_row - row_start[run_img], start, end, total), ids[np.flatnonzero(bad)]
 
@@ -309,18 +290,3 @@ def _at_least(alpha, beta, lo, hi, level) -> tuple[np.ndarray, np.ndarray]:
         q = np.clip((level - alpha) / beta, lo - 1, hi + 1)
         edge = np.where(beta > 0, np.ceil(q), np.where(beta < 0, np.floor(q) + 1, np.where(alpha >= level, lo, hi)))
     return np.clip(edge, lo, hi).astype(np.int64), beta < 0
-
-
-def _threshold_in_map_units(lo: np.ndarray, span: np.ndarray, threshold: float) -> np.ndarray:
-    """Per image the smallest float32 t with (t - lo) / span >= threshold, computed as the
-    normalisation computes it: that is monotone in t, so a pixel is kept iff value >= t."""
-    def kept(u):
-        return np.greater_equal((u - lo) / span, threshold)
-
-    t = (lo + float(threshold) * span.astype(np.float64)).astype(np.float32)
-    while (low := ~kept(t)).any():
-        t = np.where(low, np.nextafter(t, np.float32(np.inf)), t)
-    while (lower := kept(below := np.nextafter(t, np.float32(-np.inf)))).any():
-        t = np.where(lower, below, t)
-    return t
-
