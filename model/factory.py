@@ -57,7 +57,9 @@ def create_model(
     ``pretrained``: ``True`` for timm's DeiT ImageNet weights (needs a model hub), or a
     path/URL of a DeiT state dict (timm names, or the official ``.pth`` with ``model``),
     an official SAT release checkpoint, or a satloc checkpoint of either method. Old
-    heads are dropped; position embeddings are resized to this model's grid.
+    heads are dropped; position embeddings are resized to this model's grid. What was
+    dropped, re-initialised or resized is logged (``satloc.pretrained``) and kept on the
+    model: ``model.pretrained.pretrained_report(model).summary()``.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -65,7 +67,7 @@ def create_model(
     kwargs = model_kwargs(name, **overrides)
     model = METHODS[method](num_classes=num_classes, **kwargs)
     if pretrained:
-        load_pretrained_into(model, backbone if pretrained is True else pretrained)
+        model.pretrained_report = load_pretrained_into(model, backbone if pretrained is True else pretrained)
     return model
 
 

@@ -4,10 +4,18 @@ Accepted: timm DeiT state dicts, the official DeiT ``.pth`` (weights under ``mod
 official SAT release checkpoints (``loc_token``, ``loc_embed``, a conv ``head``) and satloc
 checkpoints of either method (a CAM model's backbone seeds a SAT model). Pickled files are
 only opened with ``torch.load(weights_only=True)``: a file that needs arbitrary code is refused.
+
+What was not taken over is said, never silent: :func:`load_pretrained_into` returns a
+:class:`PretrainedReport` (tensors kept at their fresh init, checkpoint tensors dropped,
+the position embedding resized) and logs its one-line summary on the ``satloc.pretrained``
+logger; ``create_model`` attaches it to the model (:func:`pretrained_report`).
 """
 from __future__ import annotations
 
 import io
+import logging
+import os
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -17,6 +25,61 @@ from torch import nn
 SAT_RENAMES = {"loc_token": "spatial_token", "loc_embed": "spatial_pos_embed"}
 # Heads of other models and tokens we have no slot for.
 DROPPED_PREFIXES = ("head.", "head_dist.", "fc_norm.", "dist_token")
+# Tensors a foreign backbone is not expected to hold: SAT's token and the class head.
+EXPECTED_FRESH = ("head.", "spatial_token", "spatial_pos_embed")
+
+logger = logging.getLogger("satloc.pretrained")
+
+
+@dataclass
+class PretrainedReport:
+    """What loading ``source`` into a model did, tensor by tensor."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # the model's tensors left at their fresh init
+    dropped: list[str] = field(default_factory=list)  # the checkpoint's tensors with no place in the model
+    checkpoint_head: tuple[str, int] | None = None  # ("linear" | "conv", its class count)
+    model_classes: int | None = None
+    pos_embed_resized: tuple[tuple[int, int], tuple[int, int]] | None = None  # (old grid, new grid)
+
+    @property
+    def unexpected_fresh(self) -> list[str]:
+        """Re-initialised tensors a backbone checkpoint should have held."""
+        return [k for k in self.reinitialised if not k.startswith(EXPECTED_FRESH)]
+
+    @property
+    def conv_head_dropped(self) -> bool:
+        """A class head like this model's (a satloc or official SAT checkpoint) was not used:
+        another class count."""
+        return self.checkpoint_head is not None and self.checkpoint_head[0] == "conv" and any(
+            k.startswith("head.") for k in self.reinitialised
+        )
+
+    def summary(self) -> str:
+        """One line, e.g. ``pretrained deit_small.pth: 150 tensors loaded; head.conv.weight,
+        head.conv.bias re-initialised (checkpoint has 200 classes, model 1000); ...``."""
+        parts = [f"{len(self.loaded)} tensors loaded"]
+        if self.reinitialised:
+            heads = [k for k in self.reinitialised if k.startswith("head.")]
+            others = [k for k in self.reinitialised if not k.startswith("head.")]
+            if heads:
+                why = " (the checkpoint has no class head)"
+                if self.checkpoint_head is not None:
+                    kind, classes = self.checkpoint_head
+                    why = f" (checkpoint has {classes} classes, model {self.model_classes})"
+                    if kind == "linear":
+                        why = (f" (checkpoint has a linear head of {classes} classes, "
+                               f"model a conv head of {self.model_classes})")
+                parts.append(f"{', '.join(heads)} re-initialised{why}")
+            if others:
+                parts.append(f"{', '.join(others)} re-initialised (not in the checkpoint)")
+        if self.pos_embed_resized is not None:
+            (h0, w0), (h1, w1) = self.pos_embed_resized
+            parts.append(f"pos_embed resized {h0}x{w0} -> {h1}x{w1}")
+        if self.dropped:
+            parts.append(f"dropped from the checkpoint: {', '.join(self.dropped)}")
+        return f"pretrained {os.path.basename(self.source.rstrip('/')) or self.source}: " + "; ".join(parts)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -25,6 +88,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     The classifier head is kept only when its shape matches (a checkpoint of the same
     class count); otherwise it is dropped and stays freshly initialised.
     """
+    return _filter(state_dict, model, PretrainedReport(source=""))
+
+
+def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module, report: PretrainedReport) -> dict[str, torch.Tensor]:
+    """:func:`checkpoint_filter_fn`, noting in ``report`` what it drops and resizes."""
     state_dict = state_dict.get("model", state_dict)
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
@@ -36,16 +104,24 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
         key = SAT_RENAMES.get(key, key)
         if conv_head and key in ("head.weight", "head.bias"):
             key = key.replace("head.", "head.conv.")
+        if key in ("head.weight", "head.conv.weight") and value.ndim in (2, 4):
+            report.checkpoint_head = ("linear" if value.ndim == 2 else "conv", int(value.shape[0]))
         if key.startswith(DROPPED_PREFIXES) and key not in own:
+            report.dropped.append(key)
             continue
         if key == "pos_embed":
-            value = _resize_pos_embed(value, model)
+            resized = _resize_pos_embed(value, model)
+            if resized is not value:
+                old = int(round((value.shape[1] - model.num_prefix_tokens) ** 0.5))
+                report.pos_embed_resized = ((old, old), tuple(model.grid))
+            value = resized
         elif key in ("spatial_token", "spatial_pos_embed") and value.ndim == 2:
             value = value.view(1, 1, -1)
         if key not in own:
+            report.dropped.append(key)
             continue
         if key.startswith("head.") and own[key].shape != value.shape:
-            continue  # another class count: keep the fresh head
+            continue  # another class count: keep the fresh head (reported as re-initialised)
         if own[key].shape != value.shape:
             raise ValueError(
                 f"pretrained weight {key!r} has shape {tuple(value.shape)} but this model needs "
@@ -92,17 +168,36 @@ def _looks_like_safetensors(data: bytes) -> bool:
     return 0 < header_len < len(data) and data[8:9] == b"{"
 
 
-def load_pretrained_into(model: nn.Module, source: str) -> dict[str, list[str]]:
-    """Load ``source`` (a timm DeiT name for the hub, or a path/URL) into ``model``."""
+def load_pretrained_into(model: nn.Module, source: str) -> PretrainedReport:
+    """Load ``source`` (a timm DeiT name for the hub, or a path/URL) into ``model``.
+
+    Returns what was loaded, re-initialised, dropped and resized, and logs its summary on
+    the ``satloc.pretrained`` logger: INFO, or WARNING where a backbone tensor stayed fresh
+    or a class head was dropped for another class count (a checkpoint of this task whose
+    head does not fit).
+    """
     if "/" not in source and "." not in source:
         state_dict = _timm_hub_weights(source)
     else:
         state_dict = read_state_dict(source)
-    filtered = checkpoint_filter_fn(state_dict, model)
+    head = model.state_dict().get("head.conv.weight")
+    report = PretrainedReport(source=source, model_classes=None if head is None else int(head.shape[0]))
+    filtered = _filter(state_dict, model, report)
     if not any(k.startswith("blocks.") for k in filtered):
         raise ValueError(f"{source} holds no ViT backbone weights this model can use")
     result = model.load_state_dict(filtered, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    report.loaded = sorted(filtered)
+    report.reinitialised = list(result.missing_keys)
+    report.dropped = sorted(report.dropped + list(result.unexpected_keys))  # a file's key order varies
+    level = logging.WARNING if report.unexpected_fresh or report.conv_head_dropped else logging.INFO
+    logger.log(level, report.summary())
+    return report
+
+
+def pretrained_report(model: nn.Module) -> PretrainedReport | None:
+    """What ``create_model(..., pretrained=...)`` loaded into ``model`` (None without
+    pretrained weights): print ``.summary()`` where the user reads the run's log."""
+    return getattr(model, "pretrained_report", None)
 
 
 def _timm_hub_weights(backbone: str) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from model import create_model, default_config, load_checkpoint, save_checkpoint
 from model.checkpoint import checkpoint_bytes, load_checkpoint_bytes, read_config
-from model.pretrained import checkpoint_filter_fn, read_state_dict
+from model.pretrained import PretrainedReport, checkpoint_filter_fn, pretrained_report, read_state_dict
 
 MICRO = "vit_micro_patch8_64"
 
@@ -227,6 +228,90 @@ def test_mismatched_backbone_is_refused(tmp_path, deit_files):
     save_file({"something": torch.zeros(3)}, str(empty))
     with pytest.raises(ValueError, match="holds no ViT backbone weights"):
         create_model(f"sat_{MICRO}", 3, pretrained=str(empty))
+
+
+# ---------------------------------------------------------------- what pretrained= dropped, said
+
+
+def pretrained_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "satloc.pretrained"]
+
+
+def test_deit_load_says_what_was_reinitialised_and_dropped(deit_sd, deit_files, caplog):
+    caplog.set_level(logging.INFO, logger="satloc.pretrained")
+    path = deit_files["official_pth"]
+    model = create_model("sat_deit_tiny_patch16_224", 10, pretrained=path)
+    [record] = pretrained_records(caplog)
+    assert record.levelno == logging.INFO  # a DeiT's linear head never fits: the normal path
+    assert record.getMessage() == (
+        f"pretrained deit_tiny_patch16_224-a1311bcf.pth: {len(deit_sd) - 2} tensors loaded; "
+        "head.conv.weight, head.conv.bias re-initialised (checkpoint has a linear head of 1000 classes, "
+        "model a conv head of 10); spatial_token, spatial_pos_embed re-initialised (not in the checkpoint); "
+        "dropped from the checkpoint: head.bias, head.weight"
+    )
+    report = pretrained_report(model)
+    assert isinstance(report, PretrainedReport) and report.source == path
+    assert report.summary() == record.getMessage()  # what the train job prints
+    assert sorted(report.loaded) == sorted(k for k in deit_sd if not k.startswith("head."))
+    assert report.unexpected_fresh == [] and not report.conv_head_dropped
+    assert pretrained_report(create_model("sat_deit_tiny_patch16_224", 10)) is None
+
+
+def test_pos_embed_resize_is_reported(deit_files, caplog):
+    caplog.set_level(logging.INFO, logger="satloc.pretrained")
+    model = create_model("sat_deit_tiny_patch16_224", 10, pretrained=deit_files["timm_safetensors"], img_size=128)
+    [record] = pretrained_records(caplog)
+    assert "; pos_embed resized 14x14 -> 8x8;" in record.getMessage()
+    assert pretrained_report(model).pos_embed_resized == ((14, 14), (8, 8))
+    same = create_model("sat_deit_tiny_patch16_224", 10, pretrained=deit_files["timm_safetensors"])
+    assert pretrained_report(same).pos_embed_resized is None and "resized" not in pretrained_report(same).summary()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_head_of_another_class_count_is_a_warning(tmp_path, caplog, fmt):
+    source = micro("sat", num_classes=200, seed=4)
+    path = str(tmp_path / f"sat200.{fmt}")
+    if fmt == "safetensors":
+        save_file(source.state_dict(), path)
+    else:
+        torch.save({"model": source.state_dict()}, path)
+    caplog.set_level(logging.INFO, logger="satloc.pretrained")
+    model = create_model(f"sat_{MICRO}", 1000, pretrained=path)
+    [record] = pretrained_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"pretrained sat200.{fmt}: {len(source.state_dict()) - 2} tensors loaded; "
+        "head.conv.weight, head.conv.bias re-initialised (checkpoint has 200 classes, model 1000)"
+    )
+    assert pretrained_report(model).conv_head_dropped
+    # The same class count: everything loaded, nothing to warn about.
+    caplog.clear()
+    create_model(f"sat_{MICRO}", 200, pretrained=path)
+    [record] = pretrained_records(caplog)
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"pretrained sat200.{fmt}: {len(source.state_dict())} tensors loaded"
+
+
+def test_missing_backbone_tensors_and_unknown_keys_are_reported(tmp_path, caplog):
+    sd = dict(micro("cam", num_classes=4, seed=6).state_dict())
+    del sd["blocks.1.mlp.fc1.weight"]
+    sd["pre_logits.fc.weight"] = torch.zeros(2, 2)  # no place in a SAT model
+    sd["dist_token"] = torch.zeros(1, 1, 128)
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    caplog.set_level(logging.INFO, logger="satloc.pretrained")
+    model = create_model(f"sat_{MICRO}", 4, pretrained=str(path))
+    [record] = pretrained_records(caplog)
+    assert record.levelno == logging.WARNING  # a backbone tensor stayed at its fresh init
+    message = record.getMessage()
+    assert message == (
+        f"pretrained partial.safetensors: {len(sd) - 2} tensors loaded; spatial_token, spatial_pos_embed, "
+        "blocks.1.mlp.fc1.weight re-initialised (not in the checkpoint); "
+        "dropped from the checkpoint: dist_token, pre_logits.fc.weight"  # sorted
+    )
+    report = pretrained_report(model)
+    assert report.unexpected_fresh == ["blocks.1.mlp.fc1.weight"]
+    assert set(report.dropped) == {"pre_logits.fc.weight", "dist_token"}
 
 
 class _Payload:
