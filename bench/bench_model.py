@@ -5,8 +5,8 @@ Prints (never pass/fail):
    classes) at 224 px, same batch and threads, fp32 and bf16 autocast, and the time ratio
    (target: SAT <= 1.10 x DeiT in bf16).
 2. Box extraction time per image: ``boxes_from_maps`` on batches of 14 x 14 maps for images
-   of random sizes around 300-500 px, against the official per-image path (per image: torch
-   bilinear resize, min-max normalise, threshold, ``skimage.measure.label`` with
+   of random sizes around 300-500 px, against the official per-image path (per image: min-max
+   normalise on the grid, torch bilinear resize, ``>`` threshold, ``skimage.measure.label`` with
    connectivity 2, ``regionprops``, the largest region's bbox), whether both give the same
    boxes, the speed ratio (target >= 5 x) and the box time as a share of DeiT-S bf16 model
    time per image (target < 2 %).
@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from skimage.measure import label, regionprops  # noqa: E402
 
 from model import boxes_from_maps, create_model  # noqa: E402
+from model.precision import autocast_for, native_bf16_cpu  # noqa: E402
 
 SAT_TARGET = 1.10  # SAT time / DeiT time in bf16, at most
 BOX_SPEEDUP_TARGET = 5.0  # official per-image time / boxes_from_maps time, at least
@@ -43,20 +43,8 @@ BOX_SHARE_TARGET = 0.02  # boxes_from_maps time / DeiT-S bf16 model time per ima
 # ---------------------------------------------------------------- 1. model forward
 
 
-def native_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without, autocast emulates."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def precision_context(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast_for(precision, torch.device("cpu"))
 
 
 def timed_forward(model: torch.nn.Module, x: torch.Tensor, precision: str) -> tuple[float, float]:
@@ -130,14 +118,14 @@ def smooth_maps(rng: np.random.Generator, n: int, grid: int = 14) -> torch.Tenso
 
 
 def official_boxes(loc_maps: torch.Tensor, image_sizes, threshold: float) -> list[tuple[int, int, int, int]]:
-    """The official evaluation's rule, one image at a time."""
+    """The official SAT rule, one image at a time: normalise on the grid (with the 1e-5),
+    upsample bilinearly, ``>``, label, the largest region's bbox."""
     boxes = []
     for loc_map, (width, height) in zip(loc_maps, image_sizes):
-        up = F.interpolate(loc_map[None].float(), size=(height, width), mode="bilinear", align_corners=False)
-        up = up[0, 0].numpy()
-        lo, hi = up.min(), up.max()
-        norm = (up - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(up)
-        regions = regionprops(label(norm >= threshold, connectivity=2))
+        m = loc_map[None].float()
+        grid = (m - m.min()) / (m.max() - m.min() + 1e-5)
+        norm = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+        regions = regionprops(label(norm > threshold, connectivity=2))
         if not regions:
             boxes.append((0, 0, width, height))
             continue
@@ -211,7 +199,7 @@ def main() -> None:
         f"{rounds} rounds, {'quick' if args.quick else 'full'} run; load average {load[0]:.1f} "
         f"on {os.cpu_count()} CPUs (a shared machine: compare the ratios, not the absolute figures)\n"
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-        f"{'yes' if native_bf16() else 'no (bf16 autocast is emulated and slower than fp32 here)'}",
+        f"{'yes' if native_bf16_cpu() else 'no (bf16 autocast is emulated and slower than fp32 here)'}",
         flush=True,
     )
 

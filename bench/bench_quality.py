@@ -69,7 +69,7 @@ def localize_and_evaluate(workdir: str, name: str, ckpt: str, specs: dict[str, s
         return json.load(open(result_path))
     summary = run_localize(LocalizeOptions(
         shards=specs["test"], checkpoint=ckpt, output=os.path.abspath(os.path.join(workdir, "predictions")),
-        run_id=name, num_actors=2,
+        run_id=name, num_actors=2, precision="fp32",  # as the documented figures were made
     ), out=None)
     result = evaluate_run(summary.run_url, gt_shards=specs["test"])
     os.makedirs(os.path.dirname(result_path), exist_ok=True)

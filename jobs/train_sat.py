@@ -1,9 +1,23 @@
 """Train SAT (or the CAM baseline) on WebDataset shards with Ray Train; export a satloc checkpoint.
 
-    python jobs/train_sat.py --train-shards s3://b/wds/train-{000000..000127}.tar \\
-        --val-shards s3://b/wds/val-000000.tar --model sat_deit_small_patch16_224 \\
-        --pretrained deit_small.pth --epochs 30 --batch-size 256 --lr 1e-4 \\
+    python jobs/train_sat.py --recipe cub --pretrained deit_small.pth \\
+        --train-shards s3://b/wds/train-{000000..000127}.tar --val-shards s3://b/wds/val-000000.tar \\
         --num-workers 8 --use-gpu --storage-path s3://b/runs --name cub-sat --output s3://b/models/cub-sat.safetensors
+
+Recipes (pipeline/recipes.py) set every hyper-parameter; flags given explicitly override it:
+  cub       the official CUB run: sat_deit_small_patch16_224, AdamW wd 0.05, constant lr 1e-4
+            (no warm-up), global batch 256, 30 epochs, alpha 0.25, drop path 0.1, Resize 256x256,
+            RandomCrop 224, horizontal flip
+  imagenet  the same with lr 1.5e-5, global batch 512, 1 epoch, alpha 0.35
+  demo      the CPU demo's recipe (make demo): sat_vit_micro_patch8_64, lr 1e-3 with warm-up and
+            cosine, batch 128, 10 epochs, fp32
+A DeiT model (deit_tiny/small/base) needs --recipe: the built-in defaults are CPU-demo
+settings (lr 1e-3, warm-up and cosine) that are wrong for fine-tuning DeiT. The small CPU
+backbones train with the defaults shown below when no --recipe is given. The job prints the
+resolved settings and stores them in the checkpoint (config "training" -> "settings").
+
+--precision auto (the default) is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or
+AMX, as seen by the machine that starts the job), fp32 elsewhere.
 
 Rerunning with the same --name and --storage-path resumes from the last epoch's
 checkpoint. Without --name, the name is derived from the training options, so an
@@ -19,15 +33,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.train_job import TrainOptions, run_training  # noqa: E402
-from pipeline.train_loop import FREEZE_MODES, PRECISIONS  # noqa: E402
+from model.precision import PRECISION_CHOICES  # noqa: E402
+from pipeline.recipes import TRAIN_RECIPES, train_recipe  # noqa: E402
+from pipeline.train_job import TrainOptions, is_deit_size, resolve_model_name, run_training  # noqa: E402
+from pipeline.train_loop import FREEZE_MODES, PRECISIONS, SCHEDULES  # noqa: E402
 from pipeline.val_threshold import THRESHOLD_METRICS  # noqa: E402
 
 D = TrainOptions.__dataclass_fields__
-
-
-def _default(name: str):
-    return D[name].default
+TRAIN_PRECISION_CHOICES = tuple(p for p in PRECISION_CHOICES if p == "auto" or p in PRECISIONS)
 
 
 def _json_object(text: str) -> dict:
@@ -42,44 +55,63 @@ def _json_object(text: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def setting(flag: str, help: str = "", **kwargs) -> None:
+        """A training option: absent unless given (so a recipe can fill it), default shown."""
+        default = D[flag.lstrip("-").replace("-", "_")].default
+        plain = isinstance(default, (int, float, str)) and not isinstance(default, bool)
+        shown = f"default {default}" if plain else ""
+        help = "; ".join(x for x in (help, shown) if x)
+        p.add_argument(flag, default=argparse.SUPPRESS, help=help or None, **kwargs)
+
     p.add_argument("--train-shards", required=True, help="shard spec of the labelled training split")
     p.add_argument("--val-shards", required=True, help="shard spec of the labelled val split with GT boxes")
-    p.add_argument("--model", default=_default("model"), help="a create_model name (sat_*/cam_*) or a backbone")
-    p.add_argument("--img-size", type=int, help="input size (default: the backbone's)")
-    p.add_argument("--model-kwargs", type=_json_object, default={},
-                   help='JSON overrides, e.g. \'{"depth": 6, "embed_dim": 128, "num_heads": 4, "patch_size": 8}\'')
-    p.add_argument("--method", choices=("sat", "cam"), help="replaces the method prefix of --model")
-    p.add_argument("--pretrained", help="DeiT/official SAT weights or a satloc checkpoint (two-stage recipe)")
-    p.add_argument("--epochs", type=int, default=_default("epochs"))
-    p.add_argument("--batch-size", type=int, default=_default("batch_size"), help="global, across workers")
-    p.add_argument("--lr", type=float, default=_default("lr"))
-    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
-    p.add_argument("--warmup-epochs", type=float, default=_default("warmup_epochs"))
-    p.add_argument("--alpha", type=float, default=_default("alpha"), help="target map area")
-    p.add_argument("--area-weight", type=float, default=_default("area_weight"))
-    p.add_argument("--norm-weight", type=float, default=_default("norm_weight"))
-    p.add_argument("--spatial-loss-start", type=float, default=_default("spatial_loss_start"),
-                   help="epochs before the area and normalization terms start")
-    p.add_argument("--spatial-loss-ramp", type=float, default=_default("spatial_loss_ramp"),
-                   help="epochs over which they ramp to full weight")
-    p.add_argument("--backbone-lr-scale", type=float, default=_default("backbone_lr_scale"),
-                   help="the backbone's lr as a fraction of the token's and head's")
-    p.add_argument("--freeze", choices=FREEZE_MODES, default=_default("freeze"),
-                   help="token: only the spatial token, its position embedding, the head and the re-weighted blocks train")
-    p.add_argument("--images-per-class", type=int, help="few-shot: the first N keys of each class (sorted)")
-    p.add_argument("--num-workers", type=int, default=_default("num_workers"))
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--precision", choices=PRECISIONS, default=_default("precision"))
+    p.add_argument("--recipe", choices=tuple(TRAIN_RECIPES),
+                   help="every hyper-parameter of a known run (see above); explicit flags override it")
+    setting("--model", "a create_model name (sat_*/cam_*) or a backbone")
+    setting("--img-size", "input size (default: the backbone's)", type=int)
+    setting("--model-kwargs", 'JSON overrides, e.g. \'{"depth": 6, "embed_dim": 128, "num_heads": 4, '
+            '"patch_size": 8}\' (merged into a recipe\'s)', type=_json_object)
+    setting("--method", "replaces the method prefix of --model", choices=("sat", "cam"))
+    setting("--pretrained", "DeiT/official SAT weights or a satloc checkpoint (two-stage recipe)")
+    setting("--epochs", type=int)
+    setting("--batch-size", "global, across workers", type=int)
+    setting("--lr", type=float)
+    setting("--schedule", "after the warm-up: cosine to zero, or constant (the official runs)", choices=SCHEDULES)
+    setting("--weight-decay", type=float)
+    setting("--warmup-epochs", type=float)
+    setting("--alpha", "target map area", type=float)
+    setting("--area-weight", type=float)
+    setting("--norm-weight", type=float)
+    setting("--spatial-loss-start", "epochs before the area and normalization terms start", type=float)
+    setting("--spatial-loss-ramp", "epochs over which they ramp to full weight", type=float)
+    setting("--backbone-lr-scale", "the backbone's lr as a fraction of the token's and head's", type=float)
+    setting("--freeze", "token: only the spatial token, its position embedding, the head and the "
+            "re-weighted blocks train", choices=FREEZE_MODES)
+    setting("--images-per-class", "few-shot: the first N keys of each class (sorted)", type=int)
+    setting("--num-workers", type=int)
+    setting("--use-gpu", action="store_true")
+    setting("--precision", "auto: bf16 on GPUs and native-bf16 CPUs, else fp32", choices=TRAIN_PRECISION_CHOICES)
     p.add_argument("--storage-path", required=True, help="Ray Train run storage: a directory or s3:// URL")
     p.add_argument("--name", help="run name (same name + storage path = resume)")
-    p.add_argument("--seed", type=int, default=_default("seed"))
+    setting("--seed", type=int)
     p.add_argument("--output", required=True, help="URL of the final satloc checkpoint")
-    p.add_argument("--threshold-metric", choices=THRESHOLD_METRICS, default=_default("threshold_metric"),
-                   help="what the box threshold is chosen for on the val split")
-    p.add_argument("--max-failures", type=int, default=_default("max_failures"),
-                   help="worker failures Ray Train recovers from (from the last checkpoint)")
+    setting("--threshold-metric", "what the box threshold is chosen for on the val split",
+            choices=THRESHOLD_METRICS)
+    setting("--max-failures", "worker failures Ray Train recovers from (from the last checkpoint)", type=int)
     args = vars(p.parse_args(argv))
-    return TrainOptions(**args)
+    recipe = args.pop("recipe")
+    if recipe is None:
+        try:
+            model = resolve_model_name(args.get("model", D["model"].default), args.get("method"))
+        except ValueError as e:
+            p.error(f"--model: {e}")
+        if is_deit_size(model):
+            p.error(f"--model {model} needs --recipe cub or imagenet (the paper's settings; flags you give "
+                    "override them) or --recipe demo: the built-in defaults are the CPU demo's "
+                    "(lr 1e-3, warm-up and cosine), wrong for fine-tuning DeiT")
+    settings = train_recipe(recipe, args) if recipe else args
+    return TrainOptions(**settings, recipe=recipe)
 
 
 def main(argv: list[str] | None = None) -> int:

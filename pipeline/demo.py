@@ -72,6 +72,7 @@ def localize(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -
     output = os.path.abspath(os.path.join(opts.workdir, "predictions"))
     summary = run_localize(LocalizeOptions(
         shards=specs["test"], checkpoint=ckpt, output=output, run_id=f"{method}-test", num_actors=2,
+        precision="fp32",  # as the documented figures were made (the recipe trains in fp32 too)
     ))
     if summary.exit_code:
         raise RuntimeError(f"localization of the test split failed: {summary.failed_shards}")

@@ -33,6 +33,8 @@ import torch
 from model.checkpoint import checkpoint_bytes, default_config, fingerprint, load_checkpoint, read_config, save_checkpoint
 from model.factory import model_kwargs as resolve_model_kwargs
 from model.factory import split_name
+from model.precision import autocast_for, resolve_precision
+from model.pretrained import pretrained_report
 from pipeline.local_ray import ensure_ray
 from pipeline.storage import (
     StorageError,
@@ -46,8 +48,9 @@ from pipeline.storage import (
     storage_env,
     write_bytes_atomic,
 )
+from pipeline.preprocess import train_resize_size
 from pipeline.train_data import SplitIndex, TrainDataError, check_classes, index_split, train_batches, val_batches
-from pipeline.train_loop import TrainConfig, autocast_for, build_model, build_optimizer, to_model_input, train_epoch
+from pipeline.train_loop import TrainConfig, build_model, build_optimizer, to_model_input, train_epoch
 from pipeline.val_threshold import THRESHOLD_METRICS, LocCounts, choose_threshold, count_hits, tau_grid
 
 RUN_FILE = "satloc_run.json"
@@ -63,7 +66,7 @@ FINAL_TAU_STEP = 0.01
 # Options that may change between a run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"num_workers", "use_gpu", "max_failures", "output", "threshold_metric",
                      "stop_after_epochs", "verbose", "ray_temp_dir", "name", "storage_path",
-                     "cpus_per_worker", "ray_log_level"}
+                     "cpus_per_worker", "ray_log_level", "recipe"}
 LOCAL_INDEX_MAX_SHARDS = 16
 
 
@@ -80,6 +83,7 @@ class TrainOptions:
     output: str
     storage_path: str
     name: str | None = None  # default: derived from the options, so a rerun resumes
+    recipe: str | None = None  # the --recipe these settings came from (recorded, not applied here)
     model: str = "sat_vit_micro_patch8_64"
     method: str | None = None  # sat|cam: replaces the model name's method prefix
     img_size: int | None = None
@@ -90,6 +94,7 @@ class TrainOptions:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # after the warm-up: cosine to zero, or constant (the official runs)
     alpha: float = 0.25
     area_weight: float = 1.0
     norm_weight: float = 1.0
@@ -101,7 +106,7 @@ class TrainOptions:
     images_per_class: int | None = None
     num_workers: int = 2
     use_gpu: bool = False
-    precision: str = "fp32"  # bf16 autocast trains ~20x slower on this CPU (no native bf16)
+    precision: str = "auto"  # bf16 on CUDA and native-bf16 CPUs, else fp32 (model.precision)
     seed: int = 0
     threshold_metric: str = "gt_known"
     max_failures: int = 0
@@ -137,17 +142,65 @@ def train_config(options: TrainOptions, num_classes: int) -> TrainConfig:
     return TrainConfig(
         model=name, num_classes=num_classes, model_kwargs=kwargs, pretrained=options.pretrained,
         epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
-        weight_decay=options.weight_decay, warmup_epochs=options.warmup_epochs, alpha=options.alpha,
+        weight_decay=options.weight_decay, warmup_epochs=options.warmup_epochs, schedule=options.schedule,
+        alpha=options.alpha,
         area_weight=options.area_weight, norm_weight=options.norm_weight, area_mode=options.area_mode,
         spatial_loss_start=options.spatial_loss_start, spatial_loss_ramp=options.spatial_loss_ramp,
         backbone_lr_scale=options.backbone_lr_scale, freeze=options.freeze,
-        precision=options.precision, seed=options.seed,
+        precision=resolve_precision(options.precision, "cuda" if options.use_gpu else "cpu"), seed=options.seed,
     )
 
 
 def input_size(cfg: TrainConfig) -> int:
     size = resolve_model_kwargs(cfg.model, **cfg.model_kwargs)["img_size"]
     return int(size if isinstance(size, int) else size[0])
+
+
+def is_deit_size(model: str) -> bool:
+    return split_name(model)[1].startswith("deit_")
+
+
+def option_warnings(options: TrainOptions) -> list[str]:
+    """Settings that run but are most likely a mistake."""
+    name = resolve_model_name(options.model, options.method)
+    if is_deit_size(name) and not options.pretrained:
+        return [f"{name} is trained from random weights (no --pretrained): SAT fine-tunes pretrained "
+                "DeiT weights (DESIGN §5); from scratch it does not beat CAM. Give --pretrained "
+                "deit_small.pth (or a timm hub name) unless this is on purpose"]
+    return []
+
+
+def resolved_settings(options: TrainOptions, cfg: TrainConfig) -> dict[str, Any]:
+    """The hyper-parameters a run trains with, after the recipe, the flags and ``auto``:
+    printed by the job and kept in the checkpoint's training info."""
+    kwargs = resolve_model_kwargs(cfg.model, **cfg.model_kwargs)
+    size = input_size(cfg)
+    return {
+        "recipe": options.recipe, "model": cfg.model, "pretrained": cfg.pretrained, "img_size": size,
+        "drop_path_rate": kwargs.get("drop_path_rate"), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "optimizer": "AdamW", "lr": cfg.lr, "schedule": cfg.schedule, "warmup_epochs": cfg.warmup_epochs,
+        "weight_decay": cfg.weight_decay, "alpha": cfg.alpha, "area_weight": cfg.area_weight,
+        "norm_weight": cfg.norm_weight, "area_mode": cfg.area_mode, "spatial_loss_start": cfg.spatial_loss_start,
+        "spatial_loss_ramp": cfg.spatial_loss_ramp, "backbone_lr_scale": cfg.backbone_lr_scale,
+        "freeze": cfg.freeze, "augment": f"Resize {train_resize_size(size)}x{train_resize_size(size)}, "
+                                      f"RandomCrop {size}, horizontal flip",
+        "precision": cfg.precision, "precision_requested": options.precision,
+    }
+
+
+def format_settings(s: dict[str, Any]) -> str:
+    precision = s["precision"]
+    if s["precision_requested"] != precision:
+        precision += f" (from {s['precision_requested']})"
+    source = f"recipe {s['recipe']}" if s["recipe"] else "no --recipe; --recipe cub|imagenet gives the paper's"
+    return (
+        f"settings ({source}): "
+        f"{s['model']} from {s['pretrained'] or 'random weights'}, {s['img_size']} px, drop path "
+        f"{s['drop_path_rate']:g}; AdamW lr {s['lr']:g} {s['schedule']} (warm-up {s['warmup_epochs']:g} "
+        f"epochs), weight decay {s['weight_decay']:g}; global batch {s['batch_size']}, {s['epochs']} epochs; "
+        f"alpha {s['alpha']:g}, area/norm weights {s['area_weight']:g}/{s['norm_weight']:g}; "
+        f"{s['augment']}; precision {precision}"
+    )
 
 
 def check_options(options: TrainOptions) -> None:
@@ -236,7 +289,10 @@ def check_run_record(options: TrainOptions, run_url: str) -> bool:
     mine = run_fingerprint(options)
     if exists(record_url):
         theirs = json.loads(read_bytes(record_url))
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        # An option newer than the record counts as its default (runs resume across upgrades).
+        defaults = {k: f.default for k, f in TrainOptions.__dataclass_fields__.items()}
+        then = {k: theirs.get(k, defaults.get(k)) for k in mine}
+        diff = {k: (then[k], v) for k, v in mine.items() if then[k] != v}
         if diff:
             shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise ValueError(
@@ -499,6 +555,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     start = time.perf_counter()
     options = replace(options)  # resolved below (absolute paths, name); the caller's stays as given
     check_options(options)
+    for warning in option_warnings(options):
+        print(f"[satloc] warning: {warning}", file=sys.stderr, flush=True)
     options.storage_path = local_or_url(options.storage_path)
     options.output = local_or_url(options.output)
     # Ray workers do not share the driver's working directory: make local specs absolute.
@@ -518,9 +576,11 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         check_pretrained(options.pretrained, num_classes)
     cfg = train_config(options, num_classes)
     try:
-        build_model(cfg)  # a pretrained file that does not fit this backbone fails here
+        model = build_model(cfg)  # a pretrained file that does not fit this backbone fails here
     except TypeError as e:  # an override the backbone does not take
         raise ValueError(f"--model-kwargs/--img-size: {cfg.model} does not accept {cfg.model_kwargs}: {e}") from None
+    if pretrained_report(model) is not None:  # what the pretrained weights did not fill
+        log(options, pretrained_report(model).summary())
     size = input_size(cfg)
 
     batch_size = min(options.batch_size, train_index.total - train_index.total % options.num_workers)
@@ -533,6 +593,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         log(options, f"global batch {options.batch_size} > {train_index.total} training images: using {batch_size}")
     steps = train_index.total // batch_size
     cfg.batch_size = batch_size
+    settings = resolved_settings(options, cfg)
+    log(options, format_settings(settings))
 
     run_url = join_url(options.storage_path, options.name)
     resuming = check_run_record(options, run_url)
@@ -547,7 +609,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     model_config = default_config(
         cfg.model, num_classes, model_kwargs=cfg.model_kwargs, class_names=class_names,
         mean=list(cfg.mean), std=list(cfg.std),
-        training={"run": options.name, "train_config": cfg.to_dict()},
+        training={"run": options.name, "recipe": options.recipe, "precision": cfg.precision,
+                  "precision_requested": options.precision, "settings": settings, "train_config": cfg.to_dict()},
     )
     plan = {
         "train_config": cfg.to_dict(), "train_index": train_index.to_dict(), "val_index": val_index.to_dict(),

@@ -15,9 +15,14 @@ from torch import nn
 
 from model import SATLossConfig, create_model, sat_loss
 from model.factory import split_name
+from model.precision import autocast_for
 from model.sat import SATVisionTransformer
 
 FREEZE_MODES = ("none", "token")
+# After the warm-up: cosine to zero, or constant (the official runs: constant lr, no warm-up).
+SCHEDULES = ("cosine", "constant")
+# fp16 would need a gradient scaler; bf16 does not. "auto" is resolved by the job
+# (model.precision.resolve_precision) before a TrainConfig is built.
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -32,6 +37,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # after the warm-up: "cosine" to zero or "constant"
     alpha: float = 0.25
     area_weight: float = 1.0
     norm_weight: float = 1.0
@@ -40,7 +46,7 @@ class TrainConfig:
     spatial_loss_ramp: float = 0.0  # epochs over which they ramp to full weight
     backbone_lr_scale: float = 1.0
     freeze: str = "none"
-    precision: str = "fp32"  # bf16 autocast trains ~20x slower on CPUs without native bf16 (measured here)
+    precision: str = "fp32"  # resolved: fp32 or bf16 (the jobs' "auto" picks one, model.precision)
     seed: int = 0
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
@@ -49,6 +55,8 @@ class TrainConfig:
         split_name(self.model)
         if self.freeze not in FREEZE_MODES:
             raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {self.freeze!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -123,10 +131,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup, then cosine to zero: the schedule the official code built but never applied."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
+    """Linear warmup, then cosine to zero (the schedule the official code built but never
+    applied) or constant (what the official runs actually used)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -154,12 +165,6 @@ def to_model_input(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -181,7 +186,7 @@ def train_epoch(
     start = time.perf_counter()
     for i, (images, labels) in enumerate(batches):
         step = epoch * steps_per_epoch + i
-        set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps))
+        set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps, cfg.schedule))
         scale = spatial_scale(epoch + i / steps_per_epoch, cfg.spatial_loss_start, cfg.spatial_loss_ramp)
         x = to_model_input(images.to(device), cfg.mean, cfg.std)
         labels = labels.to(device)

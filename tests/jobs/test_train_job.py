@@ -17,7 +17,9 @@ import torch
 
 from model import create_model, load_checkpoint, save_checkpoint
 from model.checkpoint import default_config
+from model.precision import resolve_precision
 from pipeline.local_ray import start_local_ray
+from pipeline.recipes import RECIPES
 from pipeline.storage import StorageError, url_to_fs
 from pipeline.synthetic import class_names, write_synthetic_shards
 from pipeline.train_data import TrainDataError
@@ -69,6 +71,7 @@ def options(data: str, name: str, **overrides) -> TrainOptions:
         model="sat_vit_micro_patch8_64", img_size=32, model_kwargs=dict(MODEL_KWARGS),
         epochs=3, batch_size=16, lr=3e-3, warmup_epochs=0.5, num_workers=2, seed=0,
         shuffle_buffer=16, val_batch_size=32,
+        precision="fp32",  # the resume and rerun tests compare figures with full_run's
     )
     base.update(overrides)
     return TrainOptions(**base)
@@ -241,7 +244,8 @@ def test_cli_parses_every_flag_and_reports_bad_storage(tmp_path):
     o = train_sat.parse_args([
         "--train-shards", "s3://b/t-{0..3}.tar", "--val-shards", "s3://b/v.tar", "--model", "vit_micro_patch8_64",
         "--img-size", "48", "--model-kwargs", '{"depth": 4}', "--method", "cam", "--pretrained", "p.safetensors",
-        "--epochs", "5", "--batch-size", "64", "--lr", "0.01", "--weight-decay", "0.1", "--warmup-epochs", "2",
+        "--epochs", "5", "--batch-size", "64", "--lr", "0.01", "--schedule", "constant", "--weight-decay", "0.1",
+        "--warmup-epochs", "2",
         "--alpha", "0.3", "--area-weight", "0.5", "--norm-weight", "0.2", "--spatial-loss-start", "4",
         "--spatial-loss-ramp", "3", "--backbone-lr-scale", "0.1", "--freeze", "token", "--images-per-class", "5",
         "--num-workers", "4", "--use-gpu", "--precision", "fp32", "--storage-path", "s3://b/runs", "--name", "n",
@@ -254,6 +258,7 @@ def test_cli_parses_every_flag_and_reports_bad_storage(tmp_path):
     assert (o.spatial_loss_start, o.spatial_loss_ramp, o.backbone_lr_scale, o.freeze) == (4, 3, 0.1, "token")
     assert (o.images_per_class, o.num_workers, o.use_gpu, o.precision, o.seed) == (5, 4, True, "fp32", 7)
     assert (o.threshold_metric, o.max_failures, o.name, o.pretrained) == ("maxboxacc_v2", 2, "n", "p.safetensors")
+    assert (o.schedule, o.recipe) == ("constant", None)
     # As a script from the repo root: a bad storage path fails before Ray starts.
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -264,3 +269,89 @@ def test_cli_parses_every_flag_and_reports_bad_storage(tmp_path):
     )
     assert proc.returncode == 2
     assert "--storage-path: cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- recipes and precision -------------------------------------------------------------------
+
+
+def _train_sat():
+    sys.path.insert(0, os.path.join(REPO, "jobs"))
+    try:
+        import train_sat
+    finally:
+        sys.path.pop(0)
+    return train_sat
+
+
+PATHS = ["--train-shards", "t/", "--val-shards", "v/", "--storage-path", "runs", "--output", "m.safetensors"]
+CUB = dict(model="sat_deit_small_patch16_224", lr=1e-4, schedule="constant", warmup_epochs=0.0, weight_decay=0.05,
+           batch_size=256, epochs=30, alpha=0.25, area_weight=1.0, norm_weight=1.0, area_mode="batch",
+           spatial_loss_start=0.0, spatial_loss_ramp=0.0, backbone_lr_scale=1.0, freeze="none",
+           model_kwargs={"drop_path_rate": 0.1})
+
+
+def _values(o: TrainOptions, keys) -> dict:
+    return {k: getattr(o, k) for k in keys}
+
+
+def test_recipes_set_the_official_values_and_flags_override_them(capsys):
+    parse = _train_sat().parse_args
+    cub = parse(["--recipe", "cub", *PATHS])
+    assert _values(cub, CUB) == CUB and cub.recipe == "cub" and cub.precision == "auto"
+    imagenet = parse(["--recipe", "imagenet", *PATHS])
+    assert _values(imagenet, CUB) == dict(CUB, lr=1.5e-5, batch_size=512, epochs=1, alpha=0.35)
+    # An explicit flag wins; every other value stays the recipe's.
+    tuned = parse(["--recipe", "cub", "--lr", "3e-4", "--model-kwargs", '{"depth": 6}', *PATHS])
+    assert _values(tuned, CUB) == dict(CUB, lr=3e-4, model_kwargs={"drop_path_rate": 0.1, "depth": 6})
+    demo = parse(["--recipe", "demo", *PATHS])
+    assert _values(demo, RECIPES["sat"]) == RECIPES["sat"] and demo.schedule == "cosine"
+    # No --recipe: the built-in defaults for the CPU backbones, an error for DeiT.
+    assert _values(parse(PATHS), ["model", "lr", "schedule", "precision"]) == {
+        "model": "sat_vit_micro_patch8_64", "lr": 1e-3, "schedule": "cosine", "precision": "auto"}
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--model", "deit_small_patch16_224", *PATHS])
+    assert exit_.value.code == 2
+    assert "sat_deit_small_patch16_224 needs --recipe cub or imagenet" in capsys.readouterr().err
+
+
+def test_deit_without_pretrained_warns_that_sat_fine_tunes(tmp_path, capsys):
+    main = _train_sat().main
+    local = ["--train-shards", str(tmp_path / "none") + "/", "--val-shards", str(tmp_path / "none") + "/",
+             "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "m.safetensors")]
+    assert main(["--recipe", "cub", *local]) == 2  # no shards: fails after the warning, before Ray
+    err = capsys.readouterr().err
+    assert "warning: sat_deit_small_patch16_224 is trained from random weights (no --pretrained)" in err
+    assert "SAT fine-tunes pretrained" in err
+    assert main(["--recipe", "cub", "--pretrained", "deit_small_patch16_224", *local]) == 2
+    assert "warning" not in capsys.readouterr().err
+    assert main(["--recipe", "demo", *local]) == 2  # the CPU model: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_recipe_run_prints_and_stores_its_resolved_settings_and_precision(data, capsys, tmp_path):
+    out = tmp_path / "cub-tiny.safetensors"
+    code = _train_sat().main([
+        "--recipe", "cub", "--model", "sat_vit_micro_patch8_64", "--img-size", "32",
+        "--model-kwargs", json.dumps(MODEL_KWARGS), "--epochs", "1", "--batch-size", "16", "--lr", "3e-4",
+        "--num-workers", "2", "--train-shards", f"{data}/train/", "--val-shards", f"{data}/val/",
+        "--storage-path", str(tmp_path / "runs"), "--output", str(out),
+    ])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    precision = resolve_precision("auto", "cpu")  # bf16 on a CPU with native bf16, else fp32
+    settings_line = next(ln for ln in stdout.splitlines() if "settings (recipe cub)" in ln)
+    assert "AdamW lr 0.0003 constant (warm-up 0 epochs), weight decay 0.05" in settings_line
+    assert "drop path 0.1" in settings_line and "alpha 0.25" in settings_line
+    assert f"precision {precision} (from auto)" in settings_line
+    _, config = load_checkpoint(str(out))
+    training = config["training"]
+    assert training["recipe"] == "cub" and training["precision"] == precision
+    assert training["precision_requested"] == "auto" and training["train_config"]["precision"] == precision
+    s = training["settings"]
+    assert (s["lr"], s["schedule"], s["warmup_epochs"], s["weight_decay"]) == (3e-4, "constant", 0.0, 0.05)
+    assert (s["alpha"], s["drop_path_rate"], s["epochs"], s["batch_size"]) == (0.25, 0.1, 1, 16)
+    assert (s["area_weight"], s["norm_weight"], s["area_mode"], s["freeze"]) == (1.0, 1.0, "batch", "none")
+    assert s["augment"] == "Resize 37x37, RandomCrop 32, horizontal flip"  # 256/224 of the input
+    assert s["precision"] == precision and s["model"] == "sat_vit_micro_patch8_64"
+    history = json.loads(next((tmp_path / "runs").glob("*/satloc_result.json")).read_text())["history"]
+    assert [h["lr"] for h in history] == [3e-4]  # constant: the last step's lr is the recipe's
