@@ -3,9 +3,14 @@
     python jobs/evaluate_wsol.py --predictions runs/out/val-run --output val.json
     python jobs/evaluate_wsol.py --predictions runs/out/test-run --threshold-from val.json
     python jobs/evaluate_wsol.py --predictions s3://b/out/run1 --gt-shards 's3://b/wds/val-{000..007}.tar'
+    python jobs/evaluate_wsol.py --predictions runs/out/cub-test-crop --protocol sat   # the paper's figures
 
 Thresholds are chosen on a labelled validation run and applied to the test run with
 --threshold-from (never chosen on the test split itself).
+
+--protocol sat reproduces the official SAT evaluator (the figures the paper reports): the
+224 centre crop of the 256 resize, IoU with the +1-pixel convention, one fixed threshold.
+It needs a run localized with `jobs/localize_shards.py --resize-crop 256,224`.
 """
 from __future__ import annotations
 
@@ -16,14 +21,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.evaluate import evaluate_run, format_table  # noqa: E402
+from pipeline.evaluate import PROTOCOLS, evaluate_run, format_table  # noqa: E402
 from pipeline.storage import write_bytes_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", required=True, help="run directory <output>/<run_id> (any fsspec URL)")
-    parser.add_argument("--threshold", type=float, help="fixed map threshold in [0, 1] (default: the run's own)")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="choe",
+        help="choe (default): Choe et al.'s threshold sweep (MaxBoxAcc, MaxBoxAccV2, PxAP); sat: the official "
+             "SAT evaluator (Top-1/Top-5/GT-known Loc at a fixed threshold), for a run localized with "
+             "--resize-crop 256,224",
+    )
+    parser.add_argument(
+        "--threshold", type=float,
+        help="fixed map threshold in [0, 1] (default: the run's own; with --protocol sat 0.4, the official "
+             "CUB value: pass 0.3 for ImageNet)",
+    )
     parser.add_argument(
         "--threshold-from", help="use the threshold chosen on another run: its evaluation JSON or run directory"
     )
@@ -42,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold_from=args.threshold_from,
             gt_shards=args.gt_shards,
             workers=args.workers,
+            protocol=args.protocol,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model.precision import PRECISION_CHOICES  # noqa: E402
 from pipeline.localize_run import BadInputError, LocalizeOptions, run_localize  # noqa: E402
 from pipeline.shard_scheduler import ActorStartError  # noqa: E402
 
@@ -32,11 +33,17 @@ def parse_args(argv: list[str] | None = None) -> LocalizeOptions:
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs for decoding and torch threads per actor")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="fp16 needs a GPU")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto (default): bf16 on GPU actors and on CPUs with native bf16 (AVX512-BF16/AMX, "
+                        "as seen by the driver's machine), else fp32; fp16 needs a GPU")
     p.add_argument("--threshold", type=float, help="box threshold in [0, 1] (default: the checkpoint's)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--box-mode", choices=("largest", "all"), default="largest")
     p.add_argument("--max-boxes", type=int, help="with --box-mode all: keep at most this many boxes")
+    p.add_argument("--resize-crop", metavar="RESIZE,CROP",
+                   help="the official SAT test frame, e.g. 256,224: resize to RESIZExRESIZE, centre crop CROP "
+                        "(the model's input size); boxes stay in original pixels, inside the crop window; "
+                        "needed by evaluate_wsol.py --protocol sat (default: whole image resized, Choe et al.)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a failed shard, on another actor")
     p.add_argument("--limit", type=int, help="only the first N shards")
     p.add_argument("--overwrite", action="store_true", help="redo shards whose output exists")

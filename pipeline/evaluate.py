@@ -11,6 +11,13 @@ maximises BoxAcc at IoU 0.5 for the largest component, i.e. GT-known Loc), and
 ``threshold_from=`` reads it from another run's JSON or evaluates another run directory
 (a labelled validation split) to get it. Top-1/Top-5/GT-known Loc then use that fixed
 threshold; MaxBoxAcc and MaxBoxAccV2 are threshold-free by definition.
+
+``protocol="sat"`` instead reproduces the official SAT evaluator (``pipeline.sat_protocol``):
+the official box rule in the 224 x 224 centre crop of the 256 x 256 resize, GT boxes mapped
+into the crop, IoU with the +1-pixel convention, one fixed threshold (0.4 CUB, 0.3
+ImageNet). It needs a run localized with ``--resize-crop 256,224`` (the frame is read from
+the Parquet metadata and the manifest); the default protocol refuses such a run, whose maps
+cover only the crop.
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import metrics
-from pipeline.schema import RUN_ID_KEY, loc_map_shape
+from pipeline import metrics, sat_protocol
+from pipeline.preprocess import ResizeCrop
+from pipeline.schema import RUN_ID_KEY, loc_map_shape, resize_crop_of
 from pipeline.storage import join_url, read_parquet, url_to_fs
 
 MANIFEST_NAME = "_manifest.json"
@@ -32,6 +40,7 @@ EVAL_COLUMNS = (
     "class_name", "loc_map", "boxes", "fg_ratio", "gt_label", "gt_boxes", "threshold",
 )
 MAX_LISTED_ERRORS = 20
+PROTOCOLS = ("choe", "sat")  # Choe et al.'s sweep (the default) | the official SAT evaluator
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Run:
     table: pa.Table
     manifest: dict | None
     notes: list[str] = field(default_factory=list)
+    resize_crop: ResizeCrop | None = None  # the maps cover this centre crop (--resize-crop); None: whole image
 
     def class_names(self) -> dict[int, str]:
         """Class id -> name: the manifest's list if it has one, else names seen in rows."""
@@ -92,7 +102,7 @@ def read_run(predictions_url: str) -> Run:
             f"evaluated the {len(files)} Parquet files present"
         )
 
-    tables, run_ids, grids = [], {}, {}
+    tables, run_ids, grids, frames = [], {}, {}, {}
     for path in files:
         name = path.rsplit("/", 1)[-1]
         table = read_parquet(join_url(predictions_url, name), columns=list(EVAL_COLUMNS))
@@ -102,6 +112,7 @@ def read_run(predictions_url: str) -> Run:
             grids.setdefault(loc_map_shape(table.schema), []).append(name)
         except ValueError as e:
             raise ValueError(f"{name} in {predictions_url}: {e}") from None
+        frames.setdefault(resize_crop_of(table.schema), []).append(name)
         tables.append(table.replace_schema_metadata(None))
     named = {r: f for r, f in run_ids.items() if r is not None}
     if len(named) > 1:
@@ -125,7 +136,38 @@ def read_run(predictions_url: str) -> Run:
             )
         run_id = run_id or manifest_id
         notes += _manifest_notes(manifest, files)
-    return Run(predictions_url, run_id, next(iter(grids)), pa.concat_tables(tables), manifest, notes)
+    frame = _run_frame(predictions_url, frames, manifest)
+    return Run(predictions_url, run_id, next(iter(grids)), pa.concat_tables(tables), manifest, notes, frame)
+
+
+def _manifest_frame(manifest: dict | None) -> tuple[int, int] | None:
+    """(resize, crop) the manifest records (``input_frame`` or ``settings.resize_crop``), or None."""
+    manifest = manifest or {}
+    frame = manifest.get("input_frame") or {}
+    if frame.get("kind") == "resize_crop":
+        return int(frame["resize"]), int(frame["crop"])
+    setting = (manifest.get("settings") or {}).get("resize_crop")
+    if isinstance(setting, dict):
+        return int(setting["resize"]), int(setting["crop"])
+    return None
+
+
+def _run_frame(url: str, frames: dict, manifest: dict | None) -> ResizeCrop | None:
+    """The one input frame of a run's files (and manifest); ValueError when they disagree."""
+    def show(f: tuple[int, int] | None) -> str:
+        return "whole image (no --resize-crop)" if f is None else f"--resize-crop {f[0]},{f[1]}"
+
+    if len(frames) > 1:
+        listing = "; ".join(f"{show(f)}: {', '.join(n[:3])}" for f, n in frames.items())
+        raise ValueError(f"--predictions {url}: files were localized in different input frames ({listing})")
+    frame = next(iter(frames))
+    recorded = _manifest_frame(manifest)
+    if manifest is not None and recorded != frame and (recorded is not None or "input_frame" in manifest):
+        raise ValueError(
+            f"{join_url(url, MANIFEST_NAME)} records {show(recorded)} but the Parquet files {show(frame)}: "
+            "the directory mixes runs"
+        )
+    return ResizeCrop(*frame) if frame else None
 
 
 def loc_maps_of(ok: pa.Table, grid: tuple[int, int]) -> np.ndarray:
@@ -273,9 +315,24 @@ def evaluate_run(
     threshold_from: str | None = None,
     gt_shards: str | None = None,
     workers: int | None = None,
+    protocol: str = "choe",
 ) -> dict:
-    """All DESIGN §6 metrics of one run, as the JSON-ready dict the job writes."""
+    """All DESIGN §6 metrics of one run, as the JSON-ready dict the job writes.
+
+    ``protocol="sat"``: the official SAT evaluator's figures instead (``evaluate_sat``).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     run = read_run(predictions_url)
+    if protocol == "sat":
+        return evaluate_sat(run, threshold, threshold_from, gt_shards)
+    if run.resize_crop is not None:
+        f = run.resize_crop
+        raise ValueError(
+            f"--predictions {predictions_url} was localized with --resize-crop {f.resize},{f.crop}: its maps "
+            "cover the centre crop only, not the whole image the default (Choe et al.) protocol evaluates; "
+            "evaluate it with --protocol sat, or localize again without --resize-crop"
+        )
     notes = list(run.notes)
     thr, thr_source = _resolve_threshold(run, threshold, threshold_from)
     table = run.table
@@ -312,7 +369,7 @@ def evaluate_run(
     taus = np.union1d(metrics.TAUS, [thr])
     thr_k = metrics.tau_index(taus, thr)
     grid_k = np.array([metrics.tau_index(taus, t) for t in metrics.TAUS])
-    gt_eval = metrics.gt_boxes_to_eval([truth.boxes[i] for i in loc_idx], widths[loc_idx], heights[loc_idx])
+    gt_eval = metrics.wsol_gt_boxes([truth.boxes[i] for i in loc_idx], widths[loc_idx], heights[loc_idx])
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     sweep = metrics.sweep_loc_maps(loc_maps[loc_idx], gt_eval, taus, workers=workers if loc_idx.size > 512 else 1)
     fixed_iou = sweep.largest_iou[:, thr_k]
@@ -320,6 +377,7 @@ def evaluate_run(
     gt_known = fixed_iou >= 0.5
 
     result: dict = {
+        "protocol": "choe",
         "run_id": run.run_id,
         "predictions": predictions_url,
         "num_images": n,
@@ -360,7 +418,7 @@ def evaluate_run(
         acc = metrics.PxapAccumulator()
         for start in range(0, len(mask_idx), 64):
             part = mask_idx[start : start + 64]
-            scores = metrics.score_maps(loc_maps[part])
+            scores = metrics.wsol_score_maps(loc_maps[part])
             size = metrics.EVAL_SIZE[0] * metrics.EVAL_SIZE[1]
             masks = [np.unpackbits(truth.masks[i], count=size).astype(bool) for i in part]
             acc.add(scores, np.stack(masks).reshape(scores.shape))
@@ -386,6 +444,109 @@ def evaluate_run(
     return result
 
 
+def evaluate_sat(
+    run: Run, threshold: float | None = None, threshold_from: str | None = None, gt_shards: str | None = None
+) -> dict:
+    """The official SAT evaluator's figures of a run localized with ``--resize-crop``.
+
+    Same JSON keys as the default protocol; the sweep metrics (MaxBoxAcc, PxAP) are null.
+    """
+    frame = run.resize_crop
+    if frame is None:
+        raise ValueError(
+            f"--protocol sat needs the official test frame, but {run.url} was localized on the whole image: "
+            "rerun jobs/localize_shards.py with --resize-crop 256,224 (and a new --output or --run-id), "
+            "then evaluate that run"
+        )
+    if threshold_from is not None:
+        raise ValueError(
+            "--protocol sat uses one fixed threshold: pass --threshold (default 0.4 as on CUB; "
+            "0.3 for ImageNet), not --threshold-from"
+        )
+    thr = sat_protocol.CUB_THRESHOLD if threshold is None else float(threshold)
+    if not 0.0 <= thr <= 1.0:
+        raise ValueError(f"--threshold {thr} is relative to each map's range and must be in [0, 1]")
+    notes = list(run.notes)
+    if frame != sat_protocol.OFFICIAL_FRAME:
+        notes.append(f"the run's frame is --resize-crop {frame.resize},{frame.crop}, not the official 256,224")
+    status = np.array(run.table.column("status").to_pylist(), dtype=object)
+    ok = run.table.filter(pa.array(status == "ok"))
+    errors = run.table.filter(pa.array(status != "ok"))
+    truth = _join_ground_truth(ok, gt_shards, notes)
+    names = {**truth.names, **run.class_names()}
+    n = ok.num_rows
+
+    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
+    has_label = gt_labels >= 0
+    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
+    top1_hit = pred == gt_labels
+    top5_hit = metrics.topk_hits(gt_labels, ok.column("topk_labels").to_pylist(), 5)
+    if n and not has_label.any():
+        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
+
+    loc_idx = np.flatnonzero(np.array([bool(b) for b in truth.boxes], dtype=bool))
+    if n and loc_idx.size == 0:
+        notes.append(
+            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
+            "localisation metrics are null"
+        )
+    widths = ok.column("width").to_pylist()
+    heights = ok.column("height").to_pylist()
+    _, ious = sat_protocol.best_ious(
+        loc_maps_of(ok, run.grid)[loc_idx],
+        [truth.boxes[i] for i in loc_idx],
+        [widths[i] for i in loc_idx],
+        [heights[i] for i in loc_idx],
+        thr,
+        frame,
+    )
+    gt_known = ious >= sat_protocol.GT_KNOWN_IOU
+    loc_and_label = has_label[loc_idx]
+    notes.append(
+        "SAT protocol: boxes from the stored 8-bit loc_map (the official code thresholds the float map; "
+        "a pixel within about 1/510 of the map's range from the threshold can differ), classification "
+        "from the centre crop (the paper's CUB figures classify by ten-crop)"
+    )
+    result: dict = {
+        "protocol": "sat",
+        "run_id": run.run_id,
+        "predictions": run.url,
+        "num_images": n,
+        "num_errors": errors.num_rows,
+        "num_cls_images": int(has_label.sum()),
+        "num_loc_images": int(loc_idx.size),
+        "threshold": thr,
+        "threshold_source": "given" if threshold is not None else "SAT protocol default (CUB)",
+        "eval_size": [frame.crop, frame.crop],
+        "input_frame": {"resize": frame.resize, "crop": frame.crop},
+        "top1": _pct(top1_hit[has_label]),
+        "top5": _pct(top5_hit[has_label]),
+        "gt_known_loc": _pct(gt_known),
+        "top1_loc": _pct((gt_known & top1_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
+        "top5_loc": _pct((gt_known & top5_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
+        "maxboxacc": None,
+        "maxboxacc_v2": None,
+        "maxboxacc_v2_by_delta": None,
+        "best_taus": None,
+        "chosen_threshold": None,
+        "pxap": None,
+        "num_pxap_images": 0,
+    }
+    result["per_class"] = _per_class(gt_labels, has_label, top1_hit, top5_hit, loc_idx, gt_known, None, None, names)
+    result["errors"] = [
+        {"key": k, "shard": s, "error": e}
+        for k, s, e in zip(
+            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
+        )
+    ]
+    if errors.num_rows:
+        notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
+    result["notes"] = notes
+    return result
+
+
 def _per_class(
     gt_labels: np.ndarray,
     has_label: np.ndarray,
@@ -393,7 +554,7 @@ def _per_class(
     top5_hit: np.ndarray,
     loc_idx: np.ndarray,
     gt_known: np.ndarray,
-    sweep: metrics.BoxSweep,
+    sweep: metrics.BoxSweep | None,  # None with best_taus None (no sweep: the SAT protocol)
     best_taus: dict | None,
     names: dict[int, str],
 ) -> dict:
@@ -430,21 +591,27 @@ def format_table(result: dict) -> str:
     lines = [
         f"run {result['run_id'] or '?'}: {result['num_images']} images evaluated, "
         f"{result['num_errors']} error rows; threshold {result['threshold']:.3f} ({result['threshold_source']})",
-        "",
-        f"{'metric':<24}{'value (%)':>10}",
     ]
+    sat = result.get("protocol") == "sat"
+    if sat:
+        frame = result["input_frame"]
+        lines.append(
+            f"protocol: the official SAT evaluator (centre crop {frame['crop']} of a {frame['resize']} resize, "
+            "IoU +1, fixed threshold)"
+        )
+    lines += ["", f"{'metric':<24}{'value (%)':>10}"]
     rows = [
         ("Top-1 cls", result["top1"]),
         ("Top-5 cls", result["top5"]),
         ("GT-known Loc", result["gt_known_loc"]),
         ("Top-1 Loc", result["top1_loc"]),
         ("Top-5 Loc", result["top5_loc"]),
-        ("MaxBoxAcc (IoU 0.5)", result["maxboxacc"]),
-        ("MaxBoxAccV2", result["maxboxacc_v2"]),
     ]
-    for delta, value in (result["maxboxacc_v2_by_delta"] or {}).items():
-        rows.append((f"  v2 part, IoU {delta}", value))
-    rows.append(("PxAP", result["pxap"]))
+    if not sat:  # sweep metrics: not part of the SAT protocol
+        rows += [("MaxBoxAcc (IoU 0.5)", result["maxboxacc"]), ("MaxBoxAccV2", result["maxboxacc_v2"])]
+        for delta, value in (result["maxboxacc_v2_by_delta"] or {}).items():
+            rows.append((f"  v2 part, IoU {delta}", value))
+        rows.append(("PxAP", result["pxap"]))
     lines += [f"{name:<24}{_fmt(value):>10}" for name, value in rows]
     if result["best_taus"]:
         taus = result["best_taus"]

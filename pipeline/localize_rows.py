@@ -9,6 +9,17 @@ same order. Bad samples become ``status='error'`` rows that still carry what is 
 Boxes and ``fg_ratio`` come from the float map upsampled to each image's ORIGINAL size
 (``model.boxes``); the stored ``loc_map`` is the map on the patch grid quantised to
 ``round(map * 255)`` as uint8.
+
+With ``RowSettings.resize_crop`` (the official SAT frame, ``--resize-crop 256,224``) the
+map covers only the centre crop, i.e. the window ``[16 W/256, 240 W/256) x
+[16 H/256, 240 H/256)`` of a W x H image (``ResizeCrop.window``). The box is then the SAT
+rule applied to the map upsampled to that window at original resolution: the window's
+size rounded to whole pixels (``crop_region_size``, 437.5 -> 438), boxes found there, and
+mapped back exactly, ``x = wx0 + bx * (wx1 - wx0) / region_w`` (same for y). So boxes
+are still in original pixels, lie inside the window (never on the unseen border), and may
+be fractional (the window's edges are, e.g. 31.25 for W = 500); ``fg_ratio`` is the share
+of the window. ``jobs/evaluate_wsol.py --protocol sat`` does not use these boxes: it
+redoes the official rule in the official 224 x 224 frame from the stored map.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from model.boxes import MODES, boxes_from_normalized, foreground_ratio, normalized_upsampled_maps
+from pipeline.preprocess import ResizeCrop
 from pipeline.reader import Sample
 
 
@@ -33,6 +45,7 @@ class RowSettings:
     box_mode: str = "largest"
     max_boxes: int | None = None
     class_names: tuple[str, ...] | None = None
+    resize_crop: ResizeCrop | None = None  # None: the map covers the whole image
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -45,6 +58,26 @@ class RowSettings:
             raise ValueError(f"--box-mode must be one of {', '.join(MODES)}, got {self.box_mode!r}")
         if self.max_boxes is not None and self.max_boxes < 1:
             raise ValueError(f"--max-boxes must be >= 1, got {self.max_boxes}")
+        if self.resize_crop is not None and not isinstance(self.resize_crop, ResizeCrop):
+            raise ValueError(f"resize_crop must be a ResizeCrop or None, got {type(self.resize_crop).__name__}")
+
+
+def crop_region_size(window: tuple[float, float, float, float]) -> tuple[int, int]:
+    """(width, height) in whole pixels of a crop window in original pixels (at least 1 x 1)."""
+    x0, y0, x1, y1 = window
+    return max(1, int(round(x1 - x0))), max(1, int(round(y1 - y0)))
+
+
+def boxes_to_original(
+    boxes: torch.Tensor, window: tuple[float, float, float, float], region: tuple[int, int]
+) -> torch.Tensor:
+    """n x 5 boxes on a ``region``-sized grid of the crop ``window`` -> original pixels."""
+    x0, y0, x1, y1 = window
+    sx, sy = (x1 - x0) / region[0], (y1 - y0) / region[1]
+    out = boxes.double().clone()
+    out[:, [0, 2]] = x0 + out[:, [0, 2]] * sx
+    out[:, [1, 3]] = y0 + out[:, [1, 3]] * sy
+    return out.to(boxes.dtype)
 
 
 def quantize_loc_maps(loc_maps: torch.Tensor) -> np.ndarray:
@@ -100,8 +133,14 @@ def localize_rows(
         ok_samples = [samples[i] for i in ok_index]
         labels, scores = _topk(logits, settings.topk)
         maps_u8 = quantize_loc_maps(loc_maps)
-        norm_maps = normalized_upsampled_maps(loc_maps.float(), [(s.width, s.height) for s in ok_samples])
+        sizes = [(s.width, s.height) for s in ok_samples]
+        frame = settings.resize_crop
+        windows = [frame.window(w, h) for w, h in sizes] if frame else []
+        regions = [crop_region_size(w) for w in windows] if frame else sizes
+        norm_maps = normalized_upsampled_maps(loc_maps.float(), regions)
         boxes = boxes_from_normalized(norm_maps, settings.threshold, settings.box_mode, settings.max_boxes)
+        if frame:
+            boxes = [boxes_to_original(b, w, r) for b, w, r in zip(boxes, windows, regions)]
         fg_ratio = foreground_ratio(norm_maps, settings.threshold)
         names = settings.class_names
         for j, i in enumerate(ok_index):

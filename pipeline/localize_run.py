@@ -19,14 +19,16 @@ import posixpath
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from model.checkpoint import read_config
+from model.precision import PRECISION_CHOICES, resolve_precision
 from pipeline.local_ray import ensure_ray
 from pipeline.localize_rows import RowSettings
-from pipeline.localize_worker import PRECISIONS, WorkerSettings, grid_shape, output_counts
+from pipeline.localize_worker import WorkerSettings, grid_shape, input_size, output_counts
+from pipeline.preprocess import ResizeCrop, parse_resize_crop
 from pipeline.shard_jobs import ShardJob
 from pipeline.shard_scheduler import ProgressLine, ScheduleOutcome, ShardScheduler
 from pipeline.shards import expand_shards
@@ -58,11 +60,12 @@ class LocalizeOptions:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # default: 1 on CPU; the cluster's CPUs per GPU actor on GPU
     batch_size: int = 64
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 on GPU actors and native-bf16 CPUs, else fp32 (model.precision)
     threshold: float | None = None  # default: the checkpoint's
     topk: int = 5
     box_mode: str = "largest"
     max_boxes: int | None = None
+    resize_crop: str | tuple[int, int] | None = None  # "256,224": the official SAT test frame
     max_retries: int = 2
     limit: int | None = None
     overwrite: bool = False
@@ -82,12 +85,24 @@ class LocalizeOptions:
         at_least("--gpus-per-actor", self.gpus_per_actor, 0)
         at_least("--cpus-per-actor", self.cpus_per_actor, 0, strict=True)
         at_least("--max-boxes", self.max_boxes, 1)
-        if self.precision not in PRECISIONS:
-            raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        try:
+            self.crop_frame()
+        except (TypeError, ValueError) as e:
+            raise BadInputError(str(e) if "--resize-crop" in str(e) else f"--resize-crop: {e}") from None
+        if self.precision not in PRECISION_CHOICES:
+            raise BadInputError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise BadInputError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id.startswith(".")):
             raise BadInputError(f"--run-id {self.run_id!r} must be a non-empty name without '/', not starting with '.'")
+
+    def crop_frame(self) -> ResizeCrop | None:
+        """``--resize-crop`` as a ResizeCrop; None: the whole image (the default frame)."""
+        if self.resize_crop is None or isinstance(self.resize_crop, ResizeCrop):
+            return self.resize_crop
+        if isinstance(self.resize_crop, (tuple, list)):
+            return ResizeCrop(*(int(v) for v in self.resize_crop))
+        return parse_resize_crop(self.resize_crop)
 
 
 @dataclass
@@ -279,6 +294,12 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
     started = time.time()
     shard_urls = find_shards(options.shards, options.limit)
     checkpoint, config = read_checkpoint(options.checkpoint)
+    frame = options.crop_frame()
+    if frame is not None and frame.crop != input_size(config):
+        raise BadInputError(
+            f"--resize-crop {frame.resize},{frame.crop}: the crop must equal the input size of "
+            f"{options.checkpoint} ({input_size(config)}); the official SAT frame of a 224 model is 256,224"
+        )
     check_output(options.output)
     try:
         row_settings = RowSettings(
@@ -288,13 +309,18 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
             box_mode=options.box_mode,
             max_boxes=options.max_boxes,
             class_names=tuple(config["class_names"]) if config.get("class_names") else None,
+            resize_crop=frame,
         )
     except ValueError as e:
         raise BadInputError(str(e)) from None
     settings_record = {**asdict(row_settings), "class_names": None, "precision": options.precision}
+    if frame is None:  # the ids of runs made before --resize-crop existed stay the same
+        settings_record.pop("resize_crop")
     run_id = options.run_id or default_run_id(options.shards, config["sha256"], settings_record)
     plan = plan_run(shard_urls, options.output, run_id, options.overwrite)
     say(plan.describe())
+    if frame is not None:
+        say(f"input frame: {frame.describe()} (the official SAT test frame); boxes in original pixels")
     summary = RunSummary(
         run_id=run_id,
         run_url=plan.run_url,
@@ -318,6 +344,12 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
         import ray
 
         resources = actor_resources(options, ray.cluster_resources(), len(plan.todo))
+    # "auto" is resolved here, once, for the actors' device (bf16 on GPUs; on CPU actors,
+    # by this machine's CPU: pass --precision on a cluster of other CPUs).
+    requested = options.precision
+    gpus = resources.gpus if resources else (options.gpus_per_actor or 0)
+    options = replace(options, precision=resolve_precision(requested, "cuda" if gpus > 0 else "cpu"))
+    if plan.todo:
         outcome = _run_actors(options, plan, checkpoint, row_settings, resources, say, out)
 
     summary.shards_processed = sum(1 for r in outcome.results if not r.skipped)
@@ -326,7 +358,7 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
     summary.seconds = outcome.seconds
     summary.failed_shards = outcome.failed
     summary.actors = [asdict(a) | {"images_per_second": a.images_per_second} for a in outcome.actors]
-    manifest = build_manifest(options, plan, config, row_settings, outcome, resources, started)
+    manifest = build_manifest(options, plan, config, row_settings, outcome, resources, started, requested)
     summary.manifest_url = join_url(plan.run_url, MANIFEST_NAME)
     write_bytes_atomic(summary.manifest_url, json.dumps(manifest, indent=1).encode())
 
@@ -397,7 +429,8 @@ def _previous_manifest(url: str) -> dict[str, Any]:
         return {}
 
 
-def build_manifest(options, plan, config, row_settings, outcome, resources, started) -> dict[str, Any]:
+def build_manifest(options, plan, config, row_settings, outcome, resources, started,
+                   precision_requested: str | None = None) -> dict[str, Any]:
     manifest_url = join_url(plan.run_url, MANIFEST_NAME)
     previous_manifest = _previous_manifest(manifest_url)
     previous = {s["shard"]: s for s in previous_manifest.get("shards", [])}
@@ -451,9 +484,11 @@ def build_manifest(options, plan, config, row_settings, outcome, resources, star
         "model_sha256": row_settings.model_sha256,
         "checkpoint": options.checkpoint,
         "model_config": model_config,
+        "input_frame": input_frame(row_settings.resize_crop, config),
         "settings": {
             **{k: v for k, v in asdict(row_settings).items() if k != "class_names"},
             "precision": options.precision,
+            "precision_requested": precision_requested or options.precision,
             "batch_size": options.batch_size,
             "max_retries": options.max_retries,
             "limit": options.limit,
@@ -467,6 +502,13 @@ def build_manifest(options, plan, config, row_settings, outcome, resources, star
         "timings": history[-1],
         "history": history,
     }
+
+
+def input_frame(frame: ResizeCrop | None, config: dict[str, Any]) -> dict[str, Any]:
+    """What the maps cover, for the manifest (``evaluate_wsol.py --protocol sat`` reads it)."""
+    if frame is None:
+        return {"kind": "resize", "size": input_size(config)}
+    return {"kind": "resize_crop", "resize": frame.resize, "crop": frame.crop, "offset": frame.offset}
 
 
 def _iso(t: float) -> str:

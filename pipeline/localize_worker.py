@@ -10,7 +10,6 @@ atomic write (``write_bytes_atomic``): the file's existence means the shard is d
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import threading
 import time
@@ -26,15 +25,15 @@ import torch
 from torch import nn
 
 from model.factory import model_kwargs
+from model.precision import PRECISIONS, autocast_for
 from pipeline.handoff import Handoff
 from pipeline.localize_rows import RowSettings, localize_rows
 from pipeline.shard_jobs import ShardJob, ShardResult
-from pipeline.preprocess import normalize, resize_to_input, stack_uint8
+from pipeline.preprocess import ResizeCrop, normalize, resize_to_input, stack_uint8
 from pipeline.reader import Sample, decode_sample, read_samples
 from pipeline.schema import localize_schema
 from pipeline.storage import exists, read_parquet, read_parquet_metadata, write_bytes_atomic
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Parquet key-value metadata: the run attempt that wrote the file (see ShardJob.write_token).
 WRITE_TOKEN_KEY = b"satloc.write_token"
 # Dictionary encoding pays for the repeated strings only, not for the map or the floats.
@@ -58,20 +57,6 @@ class WorkerSettings:
             raise ValueError("decode_threads and prefetch_batches must be >= 1")
 
 
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context for ``precision``; fp16 needs CUDA."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(
-                "--precision fp16 needs a CUDA GPU and this actor runs on CPU: "
-                "use --precision bf16 (or fp32) on CPU, or give actors GPUs with --gpus-per-actor"
-            )
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def input_size(config: dict) -> int:
     """Side of the square model input, from the checkpoint config."""
     return int(model_kwargs(config["model"], **config.get("model_kwargs", {}))["img_size"])
@@ -89,20 +74,23 @@ class _Prepared:
     pixels: torch.Tensor | None  # 3 x S x S uint8, None for bad samples
 
 
-def prepare_sample(sample: Sample, size: int) -> _Prepared:
-    """Decode (JPEG drafted near ``size``) and resize one raw sample; thread-safe."""
-    decoded = decode_sample(sample, draft_size=size)
+def prepare_sample(sample: Sample, size: int, resize_crop: ResizeCrop | None = None) -> _Prepared:
+    """Decode (JPEG drafted near ``size``) and resize one raw sample; thread-safe.
+
+    With ``resize_crop`` the input is its centre crop (``size`` must be its crop size).
+    """
+    decoded = decode_sample(sample, draft_size=resize_crop.resize if resize_crop else size)
     if not decoded.ok:
         return _Prepared(replace(decoded, image=None, mask=None), None)
     try:
-        pixels = resize_to_input(decoded.image, size)
+        pixels = resize_crop.to_input(decoded.image) if resize_crop else resize_to_input(decoded.image, size)
     except Exception as e:  # a decoded image PIL cannot resize is still one bad sample
         return _Prepared(replace(decoded, image=None, mask=None, error=f"unusable image: {e}"), None)
     return _Prepared(replace(decoded, image=None, mask=None), pixels)
 
 
 def prepared_samples(
-    url: str, size: int, pool: ThreadPoolExecutor, max_pending: int
+    url: str, size: int, pool: ThreadPoolExecutor, max_pending: int, resize_crop: ResizeCrop | None = None
 ) -> Iterator[_Prepared]:
     """Samples of ``url`` decoded by ``pool``, in shard order, at most ``max_pending`` ahead.
 
@@ -114,7 +102,7 @@ def prepared_samples(
     def read() -> None:
         try:
             for raw in read_samples(url, decode=False):
-                if not pending.put(pool.submit(prepare_sample, raw, size)):
+                if not pending.put(pool.submit(prepare_sample, raw, size, resize_crop)):
                     return
             pending.finish()
         except BaseException as e:  # handed to the consumer, which raises it
@@ -148,7 +136,14 @@ class ShardLocalizer:
         self.row_settings = row_settings
         self.size = input_size(config)
         self.grid = grid_shape(config)
-        self.schema = localize_schema(*self.grid, run_id=settings.run_id)
+        frame = row_settings.resize_crop
+        if frame is not None and frame.crop != self.size:
+            raise ValueError(
+                f"--resize-crop {frame.resize},{frame.crop}: the crop must be the model input ({self.size})"
+            )
+        self.schema = localize_schema(
+            *self.grid, run_id=settings.run_id, resize_crop=(frame.resize, frame.crop) if frame else None
+        )
         self.mean = tuple(config.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(config.get("std", (0.229, 0.224, 0.225)))
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -211,7 +206,7 @@ class ShardLocalizer:
             self.images_done += len(ok)
 
         max_pending = self.settings.batch_size * self.settings.prefetch_batches
-        stream = prepared_samples(job.shard_url, self.size, self.pool, max_pending)
+        stream = prepared_samples(job.shard_url, self.size, self.pool, max_pending, self.row_settings.resize_crop)
         good = 0
         while True:
             t0 = time.perf_counter()

@@ -35,6 +35,7 @@ class Tile:
     boxes: list[tuple[float, float, float, float]]  # predicted, original pixels
     gt_boxes: list[list[float]]
     caption: str
+    window: tuple[float, float, float, float] | None = None  # the map covers this crop (--resize-crop)
 
 
 def sheet_size(count: int, columns: int, tile: int) -> tuple[int, int]:
@@ -55,10 +56,14 @@ def _draw_tile(tile: Tile, image: Image.Image | None, size: int, font) -> Image.
     shown_w, shown_h = max(1, round(tile.width * scale)), max(1, round(tile.height * scale))
     base = image.convert("RGB") if image is not None else Image.new("RGB", (tile.width, tile.height), CANVAS_GREY)
     base = np.asarray(base.resize((shown_w, shown_h), Image.BILINEAR), dtype=np.float32)
-    heat = Image.fromarray(tile.loc_map.astype(np.float32), mode="F").resize((shown_w, shown_h), Image.BILINEAR)
-    heat = np.asarray(heat, dtype=np.float32)
-    span = heat.max() - heat.min()
-    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    wx0, wy0, wx1, wy1 = tile.window or (0, 0, tile.width, tile.height)
+    px0, py0 = round(wx0 * scale), round(wy0 * scale)
+    pw, ph = max(1, min(round(wx1 * scale), shown_w) - px0), max(1, min(round(wy1 * scale), shown_h) - py0)
+    crop_heat = Image.fromarray(tile.loc_map.astype(np.float32), mode="F").resize((pw, ph), Image.BILINEAR)
+    crop_heat = np.asarray(crop_heat, dtype=np.float32)
+    span = crop_heat.max() - crop_heat.min()
+    heat = np.zeros((shown_h, shown_w), dtype=np.float32)  # no map outside a crop window
+    heat[py0 : py0 + ph, px0 : px0 + pw] = (crop_heat - crop_heat.min()) / span if span > 0 else 0.0
     # Opacity follows the map, so the image stays visible where the map is low.
     alpha = HEAT_ALPHA * heat[..., None]
     blended = (1 - alpha) * base + alpha * _hot(heat).astype(np.float32)
@@ -122,6 +127,7 @@ def tiles_of_run(predictions_url: str, num: int = 16, order: str = "key") -> lis
         idx = sorted(range(ok.num_rows), key=lambda i: (sign * (cols["score"][i] or 0.0), cols["key"][i]))
     idx = idx[:num]
     maps = loc_maps_of(ok, run.grid)
+    frame = run.resize_crop
     tiles = []
     for i in idx:
         name = cols["class_name"][i] or str(cols["label"][i])
@@ -138,6 +144,7 @@ def tiles_of_run(predictions_url: str, num: int = 16, order: str = "key") -> lis
                 boxes=[(b["x0"], b["y0"], b["x1"], b["y1"]) for b in cols["boxes"][i] or []],
                 gt_boxes=cols["gt_boxes"][i] or [],
                 caption=caption,
+                window=frame.window(int(cols["width"][i]), int(cols["height"][i])) if frame else None,
             )
         )
     return tiles

@@ -1,10 +1,17 @@
 """Images -> model input tensors (DESIGN §5, §6).
 
-Evaluation rule: like the official SAT evaluator, every image is resized straight to the
-square model input (``size`` x ``size``, aspect ratio not kept, no crop), bilinear with
-antialiasing (PIL's, which is what torchvision's Resize does on PIL images). Boxes found
-on the input grid then map back to the original image by scaling x by width/size and y
-by height/size.
+Two evaluation frames, both bilinear with antialiasing (PIL's, which is what torchvision's
+Resize does on PIL images) and both ignoring the aspect ratio:
+
+* the default, Choe et al.'s frame (``resize_to_input``): the whole image resized straight
+  to the square model input (``size`` x ``size``, no crop), so the map covers the whole
+  image and boxes map back by scaling x by width/size and y by height/size. This is NOT
+  the official SAT evaluator's frame;
+* the official SAT test frame (``ResizeCrop``, ``--resize-crop 256,224``): resize to
+  256 x 256, then centre crop 224 x 224 (torchvision's ``Resize((256, 256))`` +
+  ``CenterCrop(224)``). The map then covers only the crop, which is the window
+  ``[16 W/256, 240 W/256) x [16 H/256, 240 H/256)`` of a W x H original image
+  (``ResizeCrop.window``); the edges of the image are never seen by the model.
 
 Tensors stay uint8 (4x smaller to move between Ray actors) until ``normalize`` right
 before the model, with the checkpoint's mean and std in 0..1 units.
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +44,56 @@ def resize_to_input(image: Image.Image, size: int) -> torch.Tensor:
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return _to_tensor(image)
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """The official SAT test frame: square resize to ``resize``, then centre crop ``crop``."""
+
+    resize: int = 256
+    crop: int = 224
+
+    def __post_init__(self) -> None:
+        if self.crop < 1 or self.resize < self.crop:
+            raise ValueError(
+                f"--resize-crop {self.resize},{self.crop}: need RESIZE >= CROP >= 1 (the official frame is 256,224)"
+            )
+
+    @property
+    def offset(self) -> int:
+        """Left/top of the crop in the resized image, as torchvision's CenterCrop places it."""
+        return int(round((self.resize - self.crop) / 2.0))
+
+    def window(self, width: float, height: float) -> tuple[float, float, float, float]:
+        """The crop's region of a ``width`` x ``height`` original image, in original pixels.
+
+        ``(x0, y0, x1, y1)`` are pixel edges (x1, y1 exclusive): resized pixel u covers
+        original x in [u W/R, (u+1) W/R), so the crop [o, o + C) covers
+        [o W/R, (o + C) W/R), e.g. [16 W/256, 240 W/256) for the official frame.
+        """
+        sx, sy = width / self.resize, height / self.resize
+        o, end = self.offset, self.offset + self.crop
+        return o * sx, o * sy, end * sx, end * sy
+
+    def to_input(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor 3 x crop x crop: resize, then centre crop."""
+        o = self.offset
+        return resize_to_input(image, self.resize)[:, o : o + self.crop, o : o + self.crop].contiguous()
+
+    def describe(self) -> str:
+        return f"resize {self.resize}x{self.resize}, centre crop {self.crop}x{self.crop}"
+
+
+def parse_resize_crop(text: str) -> ResizeCrop:
+    """``"256,224"`` -> ResizeCrop(256, 224); ValueError naming ``--resize-crop`` otherwise."""
+    parts = str(text).replace(" ", "").split(",")
+    try:
+        resize, crop = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"--resize-crop must be RESIZE,CROP in pixels, e.g. 256,224 (the official SAT frame), got {text!r}"
+        ) from None
+    return ResizeCrop(resize, crop)
 
 
 def stack_uint8(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,8 @@ import pyarrow as pa
 
 LOC_MAP_SHAPE_KEY = b"satloc.loc_map_shape"
 RUN_ID_KEY = b"satloc.run_id"
+# "RESIZE,CROP" when the run used the official SAT test frame (--resize-crop); absent otherwise.
+RESIZE_CROP_KEY = b"satloc.resize_crop"
 
 BOX_TYPE = pa.struct(
     [
@@ -21,8 +23,13 @@ BOX_TYPE = pa.struct(
 )
 
 
-def localize_schema(grid_h: int, grid_w: int, run_id: str = "") -> pa.Schema:
-    """Schema of one shard's output file for maps on a ``grid_h x grid_w`` patch grid."""
+def localize_schema(
+    grid_h: int, grid_w: int, run_id: str = "", resize_crop: tuple[int, int] | None = None
+) -> pa.Schema:
+    """Schema of one shard's output file for maps on a ``grid_h x grid_w`` patch grid.
+
+    ``resize_crop`` (resize, crop) records that the maps cover the centre crop of that frame.
+    """
     if grid_h <= 0 or grid_w <= 0:
         raise ValueError(f"loc_map grid must be positive, got {grid_h}x{grid_w}")
     fields = [
@@ -52,6 +59,8 @@ def localize_schema(grid_h: int, grid_w: int, run_id: str = "") -> pa.Schema:
     metadata = {LOC_MAP_SHAPE_KEY: f"{grid_h},{grid_w}".encode()}
     if run_id:
         metadata[RUN_ID_KEY] = run_id.encode()
+    if resize_crop is not None:
+        metadata[RESIZE_CROP_KEY] = f"{int(resize_crop[0])},{int(resize_crop[1])}".encode()
     return pa.schema([pa.field(n, t) for n, t in fields], metadata=metadata)
 
 
@@ -65,3 +74,12 @@ def loc_map_shape(schema: pa.Schema) -> tuple[int, int]:
         )
     h, w = (int(v) for v in meta[LOC_MAP_SHAPE_KEY].decode().split(","))
     return h, w
+
+
+def resize_crop_of(schema: pa.Schema) -> tuple[int, int] | None:
+    """The (resize, crop) frame a file's maps were made in, or None (the whole image)."""
+    value = (schema.metadata or {}).get(RESIZE_CROP_KEY)
+    if not value:
+        return None
+    resize, crop = (int(v) for v in value.decode().split(","))
+    return resize, crop

@@ -90,11 +90,16 @@ def write_run(
     manifest: dict | None = None,
     with_manifest: bool = True,
     threshold: float = 0.5,
+    resize_crop: tuple[int, int] | None = None,
 ) -> str:
-    """Write ``root/run_id/<stem>.parquet`` per shard (+ ``_manifest.json``); return the run dir."""
+    """Write ``root/run_id/<stem>.parquet`` per shard (+ ``_manifest.json``); return the run dir.
+
+    ``resize_crop`` (resize, crop): the run was localized with ``--resize-crop`` (recorded in
+    the files' metadata and the manifest's ``input_frame``, as the localize job does).
+    """
     run_dir = os.path.join(root, run_id)
     os.makedirs(run_dir, exist_ok=True)
-    schema = localize_schema(grid[0], grid[1], run_id)
+    schema = localize_schema(grid[0], grid[1], run_id, resize_crop=resize_crop)
     rows_total = errors = 0
     for stem, rows in shards.items():
         columns = {name: [r.get(name) for r in rows] for name in schema.names}
@@ -112,6 +117,9 @@ def write_run(
             "config": {},
             "threshold": threshold,
         }
+        if resize_crop is not None:
+            resize, crop = resize_crop
+            doc["input_frame"] = {"kind": "resize_crop", "resize": resize, "crop": crop, "offset": (resize - crop) // 2}
         doc.update(manifest or {})
         with open(os.path.join(run_dir, "_manifest.json"), "w") as f:
             json.dump(doc, f)

@@ -200,3 +200,90 @@ def test_any_fsspec_url_works(tmp_path):
         assert fs.cat_file("/satloc-test/yolo/a.txt").decode().startswith("1 ")
     finally:
         fs.rm("/satloc-test", recursive=True)
+
+
+# --- --protocol sat: the official SAT evaluator ------------------------------------------
+#
+# The run was localized with --resize-crop 256,224, so the maps cover the 224 centre crop of
+# the 256 x 256 resize. A 14 x 14 block of cells [a, b) gives the official box
+# [16 a - 2, 16 b + 2) clipped to [0, 224] at threshold 0.4 (tests/pipeline/test_sat_protocol.py
+# derives it); GT boxes map by x / W * 256 - 16, clipped to [0, 223], truncated.
+
+
+def _sat_rows() -> list[dict]:
+    def block(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return blob_map((14, 14), (x0, y0, x1, y1))
+
+    return [
+        # a: 512 x 256; box [14, 14, 146, 146]; GT [64, 32, 320, 160] -> [16, 16, 144, 144];
+        # IoU (+1) = 129^2 / 133^2 = 0.941: located; right class.
+        make_row("a", loc_map=block(1, 1, 9, 9), label=1, gt_label=1, gt_boxes=[[64.0, 32.0, 320.0, 160.0]],
+                 width=512, height=256),
+        # b: 256 x 256 (x - 16); box [0, 0, 18, 18]; GT [16, 16, 34, 53] -> [0, 0, 18, 37];
+        # IoU (+1) = 19 * 19 / (19 * 38) = 0.5 exactly: located (0.486 without the +1);
+        # wrong top-1, true class second in the top-5.
+        make_row("b", loc_map=block(0, 0, 1, 1), label=2, topk=[2, 1, 7, 8, 9], gt_label=1,
+                 gt_boxes=[[16.0, 16.0, 34.0, 53.0]], width=256, height=256),
+        # c: a constant map -> the whole frame [0, 0, 224, 224]; GT the whole image -> clipped to
+        # [0, 0, 223, 223]; IoU (+1) = 224^2 / 225^2 = 0.991: located; true class not in the top-5.
+        make_row("c", loc_map=np.full((14, 14), 7, dtype=np.uint8), label=3, topk=[3, 5, 6, 7, 8], gt_label=4,
+                 gt_boxes=[[0.0, 0.0, 256.0, 256.0]], width=256, height=256),
+        # d: box [158, 158, 224, 224] misses a's GT [16, 16, 144, 144]: IoU 0; right class.
+        make_row("d", loc_map=block(10, 10, 14, 14), label=1, gt_label=1, gt_boxes=[[64.0, 32.0, 320.0, 160.0]],
+                 width=512, height=256),
+        make_row("e", status="error", error="undecodable image: cannot identify image file"),
+    ]
+
+
+def test_sat_protocol_figures_by_hand(tmp_path):
+    run = write_run(str(tmp_path), "crop", {"shard-000000": _sat_rows()}, resize_crop=(256, 224))
+    r = evaluate_run(run, protocol="sat")
+    assert (r["protocol"], r["num_images"], r["num_errors"], r["num_loc_images"]) == ("sat", 4, 1, 4)
+    assert (r["threshold"], r["input_frame"], r["eval_size"]) == (0.4, {"resize": 256, "crop": 224}, [224, 224])
+    assert r["gt_known_loc"] == 75.0  # a, b, c
+    assert r["top1"] == 50.0 and r["top5"] == 75.0  # a, d | a, b, d
+    assert r["top1_loc"] == 25.0  # a
+    assert r["top5_loc"] == 50.0  # a, b
+    for key in ("maxboxacc", "maxboxacc_v2", "best_taus", "chosen_threshold", "pxap"):
+        assert r[key] is None, key
+    assert r["per_class"]["1"] == pytest.approx(
+        {"label": 1, "num_images": 3, "top1": 200 / 3, "top5": 100.0, "gt_known_loc": 200 / 3,
+         "top1_loc": 100 / 3, "top5_loc": 200 / 3, "boxacc_at_best_tau": None}
+    )
+    assert any("ten-crop" in n for n in r["notes"])
+    # --threshold overrides the CUB default (0.3 is ImageNet's): b's box grows to [0, 0, 19, 19],
+    # IoU 19 * 20 / (400 + 722 - 380) = 0.512, the others keep their outcome.
+    r3 = evaluate_run(run, protocol="sat", threshold=0.3)
+    assert (r3["threshold"], r3["threshold_source"], r3["gt_known_loc"]) == (0.3, "given", 75.0)
+
+
+def test_sat_protocol_cli_and_its_errors(tmp_path):
+    crop = write_run(str(tmp_path), "crop", {"shard-000000": _sat_rows()}, resize_crop=(256, 224))
+    proc = _run_cli("--predictions", crop, "--protocol", "sat", "--output", str(tmp_path / "sat.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "official SAT evaluator" in proc.stdout and "Top-1 Loc" in proc.stdout and "MaxBoxAcc" not in proc.stdout
+    assert json.loads((tmp_path / "sat.json").read_text())["top1_loc"] == 25.0
+    # A run localized on the whole image: the SAT protocol says how to get the frame.
+    whole = write_run(str(tmp_path), "whole", {"shard-000000": _labelled_rows()})
+    proc = _run_cli("--predictions", whole, "--protocol", "sat")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "rerun jobs/localize_shards.py with --resize-crop 256,224" in proc.stderr
+    # The default (Choe et al.) protocol refuses a crop-frame run rather than misplace its maps.
+    with pytest.raises(ValueError, match="localized with --resize-crop 256,224.*--protocol sat"):
+        evaluate_run(crop)
+    with pytest.raises(ValueError, match="fixed threshold.*not --threshold-from"):
+        evaluate_run(crop, protocol="sat", threshold_from=whole)
+    with pytest.raises(ValueError, match="--protocol must be one of choe, sat"):
+        evaluate_run(crop, protocol="official")
+
+
+def test_frame_disagreeing_between_files_and_manifest_is_an_error(tmp_path):
+    run = write_run(str(tmp_path), "r", {"shard-000000": _sat_rows()[:1]}, resize_crop=(256, 224),
+                    manifest={"input_frame": {"kind": "resize", "size": 224}})
+    with pytest.raises(ValueError, match="records whole image .* but the Parquet files --resize-crop 256,224"):
+        evaluate_run(run, protocol="sat")
+    other = localize_schema(14, 14, "r")
+    table = pa.Table.from_pydict({n: [make_row("z", loc_map=BLOB).get(n)] for n in other.names}, schema=other)
+    pq.write_table(table, os.path.join(run, "shard-000001.parquet"))
+    with pytest.raises(ValueError, match="different input frames"):
+        evaluate_run(run, protocol="sat")

@@ -33,12 +33,15 @@ import torch
 from model.boxes import boxes_from_maps
 from model.checkpoint import default_config, load_checkpoint, save_checkpoint
 from model.factory import create_model
+from model.precision import resolve_precision
 from pipeline.localize_run import BadInputError, LocalizeOptions, run_localize
-from pipeline.preprocess import normalize, resize_to_input, stack_uint8
+from pipeline.evaluate import evaluate_run
+from pipeline.preprocess import ResizeCrop, normalize, resize_to_input, stack_uint8
 from pipeline.reader import read_samples
 from pipeline.schema import loc_map_shape, localize_schema
 from pipeline.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
 from ray_cluster import RayCluster
+from run_factory import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sat_vit_micro_patch8_64"
@@ -101,6 +104,7 @@ def first_run(data, ray_cluster):
     options = LocalizeOptions(
         shards=data["shards"], checkpoint=data["checkpoint"], output=str(data["root"] / "out"),
         batch_size=BATCH, progress_seconds=0.5,
+        precision="fp32",  # compared with direct fp32 model calls; other runs compare with this one
     )
     summary = run_localize(options, out=out)
     return {"options": options, "summary": summary, "log": out.getvalue()}
@@ -219,6 +223,8 @@ def test_progress_summary_and_manifest(first_run):
     assert sum(s["rows"] for s in manifest["shards"]) == 42
     assert manifest["model_sha256"] == load_checkpoint(first_run["options"].checkpoint)[1]["sha256"]
     assert manifest["model_config"]["model"] == MODEL and manifest["settings"]["threshold"] == 0.4
+    assert manifest["settings"]["precision"] == manifest["settings"]["precision_requested"] == "fp32"
+    assert f"batch {BATCH}, fp32" in log
     assert manifest["timings"]["images"] == 39 and manifest["timings"]["seconds"] > 0
 
 
@@ -267,6 +273,9 @@ def test_actor_killed_mid_run_still_gives_every_key_once(data, first_run, tmp_pa
     keys = [k for f in sorted(run_dir.glob("*.parquet")) for k in pq.read_table(f, columns=["key"])["key"].to_pylist()]
     assert len(keys) == 96 and len(set(keys)) == 96
     assert manifest["rows"] == 96
+    # The default precision, auto, resolved once for CPU actors: bf16 on a native-bf16 CPU, else fp32.
+    assert manifest["settings"]["precision"] == resolve_precision("auto", "cpu")
+    assert manifest["settings"]["precision_requested"] == "auto"
 
 
 def test_fp16_on_cpu_and_oversized_requests_fail_before_work(data, first_run, tmp_path):
@@ -277,6 +286,81 @@ def test_fp16_on_cpu_and_oversized_requests_fail_before_work(data, first_run, tm
     with pytest.raises(BadInputError, match="cluster has 2 CPUs"):
         run_localize(LocalizeOptions(**base, num_actors=3, gpus_per_actor=0, cpus_per_actor=1), out=None)
     assert not list(out.rglob("*.parquet"))
+
+
+# --- --resize-crop: the official SAT test frame ------------------------------------------------
+
+
+def test_resize_crop_run_reports_boxes_in_original_pixels_and_records_the_frame(data, ray_cluster, tmp_path):
+    """--resize-crop 72,64 on the 64-px model: the model sees the centre 64 of a 72 x 72 resize,
+    i.e. the window [4 W/72, 68 W/72) x [4 H/72, 68 H/72) of each image (offset 4)."""
+    rng = np.random.default_rng(0)
+    sizes = [(120, 80), (90, 150), (72, 72), (45, 200)]
+    shard = write_shard(str(tmp_path / "crop-000000.tar"), [
+        {"key": f"img{i}", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+         "json": {"label": i, "boxes": [[5.0, 5.0, w - 5.0, h - 5.0]]}}
+        for i, (w, h) in enumerate(sizes)
+    ])
+    base = dict(shards=shard, checkpoint=data["checkpoint"], output=str(tmp_path / "out"), batch_size=BATCH,
+                gpus_per_actor=0, num_actors=1, cpus_per_actor=1, precision="fp32", progress_seconds=0.5)
+    out = io.StringIO()
+    summary = run_localize(LocalizeOptions(**base, resize_crop="72,64"), out=out)
+    assert summary.exit_code == 0 and summary.images == 4
+    assert "input frame: resize 72x72, centre crop 64x64" in out.getvalue()
+    # Another frame is another run (the default id differs).
+    assert run_localize(LocalizeOptions(**base, dry_run=True), out=None).run_id != summary.run_id
+
+    manifest = json.loads(Path(summary.manifest_url).read_text())
+    assert manifest["input_frame"] == {"kind": "resize_crop", "resize": 72, "crop": 64, "offset": 4}
+    assert manifest["settings"]["resize_crop"] == {"resize": 72, "crop": 64}
+    table = pq.read_table(Path(summary.run_url) / "crop-000000.parquet")
+    assert table.schema.metadata[b"satloc.resize_crop"] == b"72,64"
+
+    # The reference: the model called directly on the crop, its box found on the window's
+    # pixel grid and mapped back by hand (offset 4 W/72, scale (64 W/72) / round(64 W/72)).
+    model, config = load_checkpoint(data["checkpoint"])
+    frame = ResizeCrop(72, 64)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    for sample in read_samples(shard):
+        w, h = sample.width, sample.height
+        x = normalize(stack_uint8([frame.to_input(sample.image)]), config["mean"], config["std"])
+        with torch.no_grad():
+            loc_map = model(x).loc_map
+        wx0, wy0, wx1, wy1 = 4 * w / 72, 4 * h / 72, 68 * w / 72, 68 * h / 72
+        rw, rh = round(64 * w / 72), round(64 * h / 72)
+        b = boxes_from_maps(loc_map, [(rw, rh)], config["threshold"])[0][0, :4].double().numpy()
+        expected = [wx0 + b[0] * (wx1 - wx0) / rw, wy0 + b[1] * (wy1 - wy0) / rh,
+                    wx0 + b[2] * (wx1 - wx0) / rw, wy0 + b[3] * (wy1 - wy0) / rh]
+        row = rows[sample.key]
+        got = [row["box_x0"], row["box_y0"], row["box_x1"], row["box_y1"]]
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        assert wx0 - 1e-4 <= got[0] < got[2] <= wx1 + 1e-4 and wy0 - 1e-4 <= got[1] < got[3] <= wy1 + 1e-4
+        assert (row["width"], row["height"]) == (w, h)
+        stored = np.array(row["loc_map"], dtype=np.float32) / 255.0
+        assert np.abs(stored - loc_map.flatten().numpy()).max() <= 0.5 / 255 + 1e-6
+
+    # evaluate_wsol --protocol sat reads the frame; the default protocol refuses the run.
+    result = evaluate_run(summary.run_url, protocol="sat")
+    assert result["num_loc_images"] == 4 and result["input_frame"] == {"resize": 72, "crop": 64}
+    assert any("not the official 256,224" in n for n in result["notes"])
+    with pytest.raises(ValueError, match="--protocol sat"):
+        evaluate_run(summary.run_url)
+
+
+def test_bad_resize_crop_is_refused_before_work(data, tmp_path):
+    out = tmp_path / "out"
+    good = dict(shards=data["shards"], checkpoint=data["checkpoint"], output=str(out))
+    with pytest.raises(BadInputError, match="--resize-crop 256,224: the crop must equal the input size .* \\(64\\)"):
+        run_localize(LocalizeOptions(**good, resize_crop="256,224"), out=None)
+    with pytest.raises(BadInputError, match="--resize-crop 60,64: need RESIZE >= CROP"):
+        run_localize(LocalizeOptions(**good, resize_crop=(60, 64)), out=None)
+    proc = subprocess.run(
+        [sys.executable, "jobs/localize_shards.py", "--shards", data["shards"], "--checkpoint", data["checkpoint"],
+         "--output", str(out), "--resize-crop", "72x64"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "--resize-crop must be RESIZE,CROP" in proc.stderr, proc.stderr
+    assert not out.exists()
 
 
 # --- bad input, no cluster needed ------------------------------------------------------------
@@ -326,7 +410,7 @@ def test_cli_without_ray_address_starts_its_own_cluster_on_loopback(data, first_
         proc = subprocess.run(
             [sys.executable, "jobs/localize_shards.py", "--shards", data["shards"] + "val-{000000..000001}.tar",
              "--checkpoint", data["checkpoint"], "--output", str(out), "--run-id", "embedded",
-             "--num-actors", "1", "--batch-size", str(BATCH)],
+             "--num-actors", "1", "--batch-size", str(BATCH), "--precision", "fp32"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         sessions = list(Path(ray_tmp).glob("**/session_*/logs"))
@@ -359,7 +443,7 @@ def test_seaweedfs_shards_in_parquet_out_and_new_shards_next_run(data, first_run
     base = f"s3://{store.bucket}/{prefix}"
     options = LocalizeOptions(
         shards=f"{base}/shards/", checkpoint=f"{base}/sat.safetensors", output=f"{base}/out",
-        run_id="s3run", num_actors=1, gpus_per_actor=0, batch_size=BATCH,
+        run_id="s3run", num_actors=1, gpus_per_actor=0, batch_size=BATCH, precision="fp32",
     )
     # The actor gets the store's address and keys only through the runtime env: the
     # cluster was started before these variables were set.
@@ -410,7 +494,7 @@ def test_ray_job_submit_against_a_head_cluster(data, first_run, head_cluster, tm
          "--working-dir", str(REPO), "--",
          "python", "jobs/localize_shards.py", "--shards", data["shards"] + "val-{000000..000001}.tar",
          "--checkpoint", data["checkpoint"], "--output", str(out), "--run-id", "submitted",
-         "--num-actors", "1", "--batch-size", str(BATCH)],
+         "--num-actors", "1", "--batch-size", str(BATCH), "--precision", "fp32"],
         cwd=REPO, env=head_cluster["env"], capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

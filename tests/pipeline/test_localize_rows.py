@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from model.boxes import boxes_from_maps, foreground_ratio, normalized_upsampled_maps
-from pipeline.localize_rows import RowSettings, localize_rows, quantize_loc_maps
+from pipeline.localize_rows import RowSettings, crop_region_size, localize_rows, quantize_loc_maps
+from pipeline.preprocess import ResizeCrop
 from pipeline.reader import Sample
-from pipeline.schema import localize_schema
+from pipeline.schema import localize_schema, resize_crop_of
 
 SHA = "ab" * 32
 NAMES = ("cat", "dog", "bird", "fish")
@@ -70,6 +71,46 @@ def test_rows_match_direct_post_processing_on_original_sizes():
     assert {r["model_sha256"] for r in rows} == {SHA}
     assert rows[0]["threshold"] == pytest.approx(0.4)
     assert (rows[0]["width"], rows[0]["height"]) == (40, 30)
+
+
+def test_crop_frame_boxes_are_in_original_pixels_inside_the_crop_window():
+    """--resize-crop 256,224: the map covers the window [16 W/256, 240 W/256) x [16 H/256, 240 H/256).
+
+    a: 512 x 256, window x [32, 480), y [16, 240), i.e. 448 x 224 px: 32 px a cell in x,
+    16 in y. A block of cells [1, 9) (0.9 on 0.1): bilinear, the pixel j px into the
+    stretch where a 0.1 cell meets a 0.9 cell has normalised value (j + 0.5) / s (s the
+    stretch, 32 or 16), > 0.4 from j = 13 (x) or 6 (y); so in the window x [32 - 3, 288 + 3)
+    = [29, 291), y [16 - 2, 144 + 2) = [14, 146), i.e. original x [61, 323), y [30, 162).
+    fg_ratio: the upsampled block is the product of its x and y ramps, so the corners of
+    that box are cut off (e.g. 0.55 * 0.55 < 0.4): counted below from the 1-D ramps.
+    b: 500 x 375, a constant map (no evidence): the whole window, which has fractional edges
+    [31.25, 468.75) x [23.4375, 351.5625); its region is 438 x 328 px (437.5 and 328.1 rounded).
+    """
+    frame = ResizeCrop(256, 224)
+    schema = localize_schema(14, 14, run_id="r1", resize_crop=(256, 224))
+    assert resize_crop_of(schema) == (256, 224) and resize_crop_of(localize_schema(14, 14)) is None
+    samples = [
+        Sample(key="a", shard="s.tar", width=512, height=256),
+        Sample(key="b", shard="s.tar", width=500, height=375),
+    ]
+    maps = torch.full((2, 1, 14, 14), 0.1)
+    maps[0, 0, 1:9, 1:9] = 0.9
+    logits = torch.zeros(2, 4)
+    rows = localize_rows(samples, logits, maps, _settings(resize_crop=frame), schema).to_pylist()
+    assert [rows[0][k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] == [61.0, 30.0, 323.0, 162.0]
+    cells = np.zeros(14)
+    cells[1:9] = 1.0
+    ramp_x = np.interp((np.arange(448) + 0.5) / 32 - 0.5, np.arange(14), cells)  # clamped at the ends
+    ramp_y = np.interp((np.arange(224) + 0.5) / 16 - 0.5, np.arange(14), cells)
+    assert (ramp_x > 0.4).sum() == 291 - 29 and (ramp_y > 0.4).sum() == 146 - 14
+    assert rows[0]["fg_ratio"] == pytest.approx((ramp_y[:, None] * ramp_x[None, :] > 0.4).mean(), abs=1e-7)
+    assert crop_region_size(frame.window(500, 375)) == (438, 328)
+    assert [rows[1][k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] == [31.25, 23.4375, 468.75, 351.5625]
+    assert rows[1]["fg_ratio"] == 0.0
+    # The stored map is the grid map, whatever the frame.
+    assert rows[0]["loc_map"] == torch.round(maps[0, 0].flatten() * 255).to(torch.uint8).tolist()
+    with pytest.raises(ValueError, match="resize_crop must be a ResizeCrop"):
+        _settings(resize_crop=(256, 224))
 
 
 def test_error_samples_become_error_rows_in_order():

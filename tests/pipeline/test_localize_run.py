@@ -84,3 +84,9 @@ def test_storage_env_passes_only_aws_variables(monkeypatch):
     monkeypatch.setenv("SOMETHING_ELSE", "x")
     env = storage_env()
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and "SOMETHING_ELSE" not in env
+
+
+def test_precision_defaults_to_auto_and_accepts_every_choice():
+    assert _options().precision == "auto"
+    for choice in ("auto", "fp32", "bf16", "fp16"):
+        _options(precision=choice).validate()

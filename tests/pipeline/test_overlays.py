@@ -79,3 +79,22 @@ def test_bad_arguments(run_and_shard):
         tiles_of_run(run, num=0)
     with pytest.raises(ValueError, match="--columns"):
         render_sheet(tiles_of_run(run, num=1), {}, columns=0)
+
+
+def test_crop_frame_maps_are_drawn_over_the_crop_window_only(tmp_path):
+    from PIL import ImageFont
+
+    from pipeline.overlays import _draw_tile
+
+    # --resize-crop 256,224 on a 320 x 240 image: window [20, 300) x [15, 225).
+    hot = np.full((14, 14), 255, dtype=np.uint8)
+    hot[0, 0] = 0
+    run = write_run(str(tmp_path), "c", {"s-000000": [make_row("a", loc_map=hot, width=320, height=240)]},
+                    resize_crop=(256, 224))
+    (tile,) = tiles_of_run(run, 5, "key")
+    assert tile.window == (20.0, 15.0, 300.0, 225.0)
+    blue = Image.fromarray(np.dstack([np.zeros((240, 320, 2), np.uint8), np.full((240, 320), 200, np.uint8)]))
+    drawn = np.asarray(_draw_tile(tile, blue, 160, ImageFont.load_default()))
+    # Scale 0.5: the image is 160 x 120 at (0, 20); the window is x [10, 150), y [8, 112) in it.
+    assert drawn[20 + 2, 2].tolist() == [0, 0, 200]  # outside the window: the image, no heat
+    assert drawn[20 + 60, 80].tolist() != [0, 0, 200]  # inside: the hot map

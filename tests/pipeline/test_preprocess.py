@@ -8,7 +8,9 @@ from PIL import Image
 from pipeline.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ResizeCrop,
     normalize,
+    parse_resize_crop,
     resize_to_input,
     stack_uint8,
     train_resize_size,
@@ -102,3 +104,39 @@ def test_train_transform_is_a_crop_of_the_resize_and_deterministic(make_rng):
 def test_train_transform_rejects_other_rngs():
     with pytest.raises(TypeError, match="torch.Generator or random.Random"):
         train_transform(gradient_image(), 16, np.random.default_rng(0))
+
+
+# --- the official SAT test frame (--resize-crop) ---------------------------------------
+
+
+def test_resize_crop_equals_torchvision_resize_then_center_crop():
+    from torchvision import transforms
+
+    img = gradient_image(50, 37)
+    for resize, crop in ((256, 224), (20, 16), (21, 16)):  # 21 - 16 = 5: torchvision rounds 2.5 to 2
+        frame = ResizeCrop(resize, crop)
+        got = frame.to_input(img)
+        assert got.shape == (3, crop, crop) and got.dtype == torch.uint8 and got.is_contiguous()
+        expected = transforms.Compose([transforms.Resize((resize, resize)), transforms.CenterCrop(crop)])(img)
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), np.asarray(expected)), (resize, crop)
+
+
+def test_resize_crop_window_in_original_pixels_by_hand():
+    frame = ResizeCrop(256, 224)
+    assert frame.offset == 16
+    # The crop is resized pixels [16, 240): x in [16 W/256, 240 W/256), y likewise.
+    assert frame.window(512, 256) == (32.0, 16.0, 480.0, 240.0)
+    assert frame.window(500, 375) == (31.25, 23.4375, 468.75, 351.5625)
+    assert frame.window(256, 256) == (16.0, 16.0, 240.0, 240.0)
+    assert ResizeCrop(20, 16).offset == 2 and ResizeCrop(16, 16).window(7, 9) == (0.0, 0.0, 7.0, 9.0)
+
+
+def test_parse_resize_crop_and_its_errors_name_the_flag():
+    assert parse_resize_crop("256,224") == ResizeCrop(256, 224)
+    assert parse_resize_crop(" 72, 64 ") == ResizeCrop(72, 64)
+    for bad in ("256x224", "256", "256,224,1", "a,b"):
+        with pytest.raises(ValueError, match="--resize-crop must be RESIZE,CROP"):
+            parse_resize_crop(bad)
+    for bad in ("200,224", "0,0"):
+        with pytest.raises(ValueError, match="--resize-crop .*RESIZE >= CROP >= 1"):
+            parse_resize_crop(bad)
