@@ -35,12 +35,12 @@ from PIL import Image  # noqa: E402
 from model.boxes import boxes_from_maps  # noqa: E402
 from model.checkpoint import default_config, load_checkpoint, save_checkpoint  # noqa: E402
 from model.factory import create_model  # noqa: E402
-from pipeline.localize_rows import RowSettings  # noqa: E402
-from pipeline.localize_worker import ShardLocalizer, WorkerSettings, autocast_for  # noqa: E402
-from pipeline.preprocess import normalize, resize_to_input, stack_uint8  # noqa: E402
-from pipeline.reader import read_samples  # noqa: E402
-from pipeline.shard_jobs import ShardJob  # noqa: E402
-from pipeline.shard_writer import ShardWriter  # noqa: E402
+from pipeline.localize.rows import RowSettings  # noqa: E402
+from pipeline.localize.worker import ShardLocalizer, WorkerSettings, autocast_for  # noqa: E402
+from pipeline.data.preprocess import normalize, resize_to_input, stack_uint8  # noqa: E402
+from pipeline.data.reader import read_samples  # noqa: E402
+from pipeline.localize.messages import ShardJob  # noqa: E402
+from pipeline.datasets.webdataset_writer import ShardWriter  # noqa: E402
 
 
 def photo_like_jpeg(rng: np.random.Generator) -> bytes:
@@ -105,10 +105,10 @@ def _plain_batch(model, config, size, samples) -> int:
 def parquet_bytes_per_image(grid: int, rows: int = 1000) -> dict[str, float]:
     """Bytes per row of a 1000-row file whose maps are smooth blobs (like a trained model's)
     or uniform noise (the incompressible worst case)."""
-    from pipeline.localize_rows import localize_rows
-    from pipeline.localize_worker import parquet_bytes
-    from pipeline.reader import Sample
-    from pipeline.schema import localize_schema
+    from pipeline.localize.rows import localize_rows
+    from pipeline.localize.worker import parquet_bytes
+    from pipeline.data.reader import Sample
+    from pipeline.results.schema import localize_schema
 
     rng = np.random.default_rng(0)
     samples = [Sample(key=f"train_{i:07d}", shard="s3://bucket/wds/train-000000.tar", width=500, height=375,
@@ -141,7 +141,7 @@ def worker_alone(model, config, batch, precision, shard_url, out_dir) -> tuple[f
 
 
 def ray_run(shards_dir, checkpoint, out_dir, run_id, actors, cpus, batch, precision, limit):
-    from pipeline.localize_run import LocalizeOptions, run_localize
+    from pipeline.localize.run import LocalizeOptions, run_localize
 
     t0 = time.perf_counter()
     summary = run_localize(

@@ -1,8 +1,8 @@
 """SAT against CAM with the same budget, through the project's own jobs (`make quality`).
 
 For each family (the tuning family `birds` and the held-out `vehicles`), each seed and
-each method: synthetic shards -> Ray Train (`pipeline.train_job`, the shipped recipe of
-`pipeline/recipes.py`, threshold chosen on val inside the job) -> the localize job on the
+each method: synthetic shards -> Ray Train (`pipeline.train.job`, the shipped recipe of
+`pipeline/train/recipes.py`, threshold chosen on val inside the job) -> the localize job on the
 test split -> the WSOL evaluation of that run. Prints one table per family with the mean
 over seeds; every stage is cached under --workdir, so a rerun only adds what is missing.
 
@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.recipes import PRETRAIN, recipe  # noqa: E402
+from pipeline.train.recipes import PRETRAIN, recipe  # noqa: E402
 
 SIZES = {"train": 5000, "val": 500, "test": 1000}
 COLUMNS = [("top1", "top-1"), ("gt_known_loc", "GT-known Loc"), ("maxboxacc", "MaxBoxAcc"),
@@ -30,7 +30,7 @@ def say(text: str) -> None:
 
 
 def data(workdir: str, family: str, seed: int, sizes: dict[str, int], num_classes: int = 10) -> dict[str, str]:
-    from pipeline.synthetic import write_synthetic_shards
+    from pipeline.datasets.synthetic import write_synthetic_shards
 
     specs = {}
     for split, n in sizes.items():
@@ -42,7 +42,7 @@ def data(workdir: str, family: str, seed: int, sizes: dict[str, int], num_classe
 
 
 def train(workdir: str, name: str, specs: dict[str, str], settings: dict, seed: int, workers: int) -> tuple[str, float]:
-    from pipeline.train_job import TrainOptions, run_training
+    from pipeline.train.job import TrainOptions, run_training
 
     ckpt = os.path.abspath(os.path.join(workdir, "checkpoints", f"{name}.safetensors"))
     timing = ckpt + ".seconds"
@@ -61,8 +61,8 @@ def train(workdir: str, name: str, specs: dict[str, str], settings: dict, seed: 
 
 
 def localize_and_evaluate(workdir: str, name: str, ckpt: str, specs: dict[str, str]) -> dict:
-    from pipeline.evaluate import evaluate_run
-    from pipeline.localize_run import LocalizeOptions, run_localize
+    from pipeline.evaluation.evaluate import evaluate_run
+    from pipeline.localize.run import LocalizeOptions, run_localize
 
     result_path = os.path.join(workdir, "eval", f"{name}.json")
     if os.path.exists(result_path):

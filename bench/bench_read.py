@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.local_store import LocalS3Store  # noqa: E402
-from pipeline.preprocess import resize_to_input  # noqa: E402
-from pipeline.reader import read_samples  # noqa: E402
-from pipeline.shard_writer import ShardWriter  # noqa: E402
+from infra.local.s3_store import LocalS3Store  # noqa: E402
+from pipeline.data.preprocess import resize_to_input  # noqa: E402
+from pipeline.data.reader import read_samples  # noqa: E402
+from pipeline.datasets.webdataset_writer import ShardWriter  # noqa: E402
 
 
 def photo_like_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -111,8 +111,8 @@ def child_peak_rss(url: str) -> None:
     The kernel's peak-RSS mark is reset first (clear_refs 5), so import-time peaks do
     not hide the reader's own; where that is not allowed, ru_maxrss is the fallback.
     """
-    from pipeline.reader import read_samples as read  # imported before the baseline
-    from pipeline.storage import url_to_fs
+    from pipeline.data.reader import read_samples as read  # imported before the baseline
+    from pipeline.data.storage import url_to_fs
 
     # One metadata request first: the S3 client loads its service model (~20 MiB, once
     # per process), which is not the cost of reading a shard.

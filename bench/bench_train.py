@@ -1,7 +1,7 @@
 """Training images/s: Ray Train (1 and 2 workers) against a plain single-process loop.
 
 Same data (synthetic shards on local disk, streamed and augmented by
-``pipeline.train_data``), same model, same step (``pipeline.train_loop.train_epoch``),
+``pipeline.train.data``), same model, same step (``pipeline.train.loop.train_epoch``),
 same machine. Images/s is measured per epoch over the training steps only (data
 streaming, augmentation, forward, backward, optimizer and, under DDP, the gradient
 all-reduce); the first epoch is a warm-up and is left out, and so are Ray's start-up and
@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.local_ray import start_local_ray  # noqa: E402
-from pipeline.synthetic import write_synthetic_shards  # noqa: E402
-from pipeline.train_data import index_split, train_batches  # noqa: E402
-from pipeline.train_job import TrainOptions, run_training  # noqa: E402
-from pipeline.train_loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
+from pipeline.datasets.synthetic import write_synthetic_shards  # noqa: E402
+from pipeline.train.data import index_split, train_batches  # noqa: E402
+from pipeline.train.job import TrainOptions, run_training  # noqa: E402
+from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
 
 
 def plain_loop(args, train_dir: str, num_classes: int, threads: int) -> list[float]:

@@ -1,6 +1,6 @@
 """Fast in-memory SAT/CAM experiments on the synthetic set (the lab behind bench_quality.py).
 
-Loads the shards into memory once, trains with ``pipeline.train_loop`` (the same step the
+Loads the shards into memory once, trains with ``pipeline.train.loop`` (the same step the
 Ray Train job runs), picks the threshold on val and reports test figures plus diagnostics
 (map inside vs outside the object, PxAP). Used to search recipes quickly; the shipped
 comparison goes through the jobs (bench_quality.py).
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.boxes import boxes_from_normalized, normalized_upsampled_maps  # noqa: E402
-from pipeline.reader import read_samples  # noqa: E402
-from pipeline.shards import expand_shards  # noqa: E402
-from pipeline.train_loop import TrainConfig, build_model, build_optimizer, predict, train_epoch  # noqa: E402
+from pipeline.data.reader import read_samples  # noqa: E402
+from pipeline.data.shards import expand_shards  # noqa: E402
+from pipeline.train.loop import TrainConfig, build_model, build_optimizer, predict, train_epoch  # noqa: E402
 
 TAUS = np.round(np.arange(0, 1.0001, 0.01), 2)
 

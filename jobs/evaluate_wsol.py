@@ -21,8 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.evaluate import PROTOCOLS, evaluate_run, format_table  # noqa: E402
-from pipeline.storage import write_bytes_atomic  # noqa: E402
+from pipeline.evaluation.evaluate import PROTOCOLS, evaluate_run, format_table  # noqa: E402
+from pipeline.data.storage import write_bytes_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.pseudo_boxes import FORMATS, BoxFilter, export_pseudo_boxes  # noqa: E402
+from pipeline.evaluation.pseudo_boxes import FORMATS, BoxFilter, export_pseudo_boxes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

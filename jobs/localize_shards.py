@@ -19,8 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.precision import PRECISION_CHOICES  # noqa: E402
-from pipeline.localize_run import BadInputError, LocalizeOptions, run_localize  # noqa: E402
-from pipeline.shard_scheduler import ActorStartError  # noqa: E402
+from pipeline.localize.run import BadInputError, LocalizeOptions, run_localize  # noqa: E402
+from pipeline.localize.scheduler import ActorStartError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> LocalizeOptions:

@@ -14,8 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import converters, synthetic  # noqa: E402
-from pipeline.storage import check_writable  # noqa: E402
+from pipeline.datasets import converters
+from pipeline.datasets import synthetic  # noqa: E402
+from pipeline.data.storage import check_writable  # noqa: E402
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:

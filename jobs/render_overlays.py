@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.overlays import ORDERS, images_from_shards, render_sheet, tiles_of_run  # noqa: E402
-from pipeline.storage import write_bytes_atomic  # noqa: E402
+from pipeline.evaluation.overlays import ORDERS, images_from_shards, render_sheet, tiles_of_run  # noqa: E402
+from pipeline.data.storage import write_bytes_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,7 @@
         --train-shards s3://b/wds/train-{000000..000127}.tar --val-shards s3://b/wds/val-000000.tar \\
         --num-workers 8 --use-gpu --storage-path s3://b/runs --name cub-sat --output s3://b/models/cub-sat.safetensors
 
-Recipes (pipeline/recipes.py) set every hyper-parameter; flags given explicitly override it:
+Recipes (pipeline/train/recipes.py) set every hyper-parameter; flags given explicitly override it:
   cub       the official CUB run: sat_deit_small_patch16_224, AdamW wd 0.05, constant lr 1e-4
             (no warm-up), global batch 256, 30 epochs, alpha 0.25, drop path 0.1, Resize 256x256,
             RandomCrop 224, horizontal flip
@@ -34,10 +34,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.precision import PRECISION_CHOICES  # noqa: E402
-from pipeline.recipes import TRAIN_RECIPES, train_recipe  # noqa: E402
-from pipeline.train_job import TrainOptions, is_deit_size, resolve_model_name, run_training  # noqa: E402
-from pipeline.train_loop import FREEZE_MODES, PRECISIONS, SCHEDULES  # noqa: E402
-from pipeline.val_threshold import THRESHOLD_METRICS  # noqa: E402
+from pipeline.train.recipes import TRAIN_RECIPES, train_recipe  # noqa: E402
+from pipeline.train.job import TrainOptions, is_deit_size, resolve_model_name, run_training  # noqa: E402
+from pipeline.train.loop import FREEZE_MODES, PRECISIONS, SCHEDULES  # noqa: E402
+from pipeline.evaluation.threshold import THRESHOLD_METRICS  # noqa: E402
 
 D = TrainOptions.__dataclass_fields__
 TRAIN_PRECISION_CHOICES = tuple(p for p in PRECISION_CHOICES if p == "auto" or p in PRECISIONS)

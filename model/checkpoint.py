@@ -54,7 +54,7 @@ def checkpoint_bytes(model: nn.Module, config: dict[str, Any]) -> bytes:
 
 def save_checkpoint(model: nn.Module, url: str, config: dict[str, Any]) -> str:
     """Write the checkpoint to any fsspec URL atomically; returns its sha256."""
-    from pipeline.storage import write_bytes_atomic  # storage lives in pipeline; imported lazily
+    from pipeline.data.storage import write_bytes_atomic  # storage lives in pipeline; imported lazily
 
     data = checkpoint_bytes(model, config)
     write_bytes_atomic(url, data)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pipeline.recipes import recipe
+from pipeline.train.recipes import recipe
 
 SPLITS = {"train": 3000, "val": 500, "test": 1000}
 
@@ -32,7 +32,7 @@ def say(text: str) -> None:
 
 
 def make_data(opts: DemoOptions) -> dict[str, str]:
-    from pipeline.synthetic import write_synthetic_shards
+    from pipeline.datasets.synthetic import write_synthetic_shards
 
     specs = {}
     for split, n in SPLITS.items():
@@ -48,7 +48,7 @@ def make_data(opts: DemoOptions) -> dict[str, str]:
 
 
 def train(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
-    from pipeline.train_job import TrainOptions, run_training
+    from pipeline.train.job import TrainOptions, run_training
 
     ckpt = os.path.abspath(os.path.join(opts.workdir, "checkpoints", f"{method}.safetensors"))
     if os.path.exists(ckpt):
@@ -67,7 +67,7 @@ def train(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
 
 
 def localize(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -> str:
-    from pipeline.localize_run import LocalizeOptions, run_localize
+    from pipeline.localize.run import LocalizeOptions, run_localize
 
     output = os.path.abspath(os.path.join(opts.workdir, "predictions"))
     summary = run_localize(LocalizeOptions(
@@ -80,7 +80,7 @@ def localize(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -
 
 
 def evaluate(method: str, run_url: str, specs: dict[str, str], opts: DemoOptions) -> dict:
-    from pipeline.evaluate import evaluate_run
+    from pipeline.evaluation.evaluate import evaluate_run
 
     result = evaluate_run(run_url, gt_shards=specs["test"])
     with open(os.path.join(opts.workdir, f"eval_{method}.json"), "w") as f:
@@ -116,7 +116,7 @@ def query(run_url: str) -> str:
 
 
 def overlay(run_url: str, specs: dict[str, str], opts: DemoOptions, method: str) -> str:
-    from pipeline.overlays import images_from_shards, render_sheet, tiles_of_run
+    from pipeline.evaluation.overlays import images_from_shards, render_sheet, tiles_of_run
 
     tiles = tiles_of_run(run_url, num=16)
     sheet = render_sheet(tiles, images_from_shards(specs["test"], [t.key for t in tiles]), columns=4, tile=192)

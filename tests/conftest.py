@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.local_store import LocalS3Store
+from infra.local.s3_store import LocalS3Store
 
 _AWS_VARS_TO_CLEAR = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION")
 

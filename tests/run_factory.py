@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.schema import localize_schema
+from pipeline.results.schema import localize_schema
 
 
 def blob_map(grid: tuple[int, int], box: tuple[int, int, int, int], peak: int = 255, floor: int = 0) -> np.ndarray:

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.local_store import ENV_FILE, LocalS3Store, free_ports  # noqa: E402
-from pipeline.local_store import down as store_down  # noqa: E402
+from infra.local.s3_store import ENV_FILE, LocalS3Store, free_ports  # noqa: E402
+from infra.local.s3_store import down as store_down  # noqa: E402
 
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
@@ -497,8 +497,8 @@ def env_lines(directory: Path) -> str:
 def demo_inputs(store_env: dict[str, str], out=sys.stdout) -> tuple[str, str]:
     """Tiny synthetic shards and a checkpoint in the local bucket; returns (shards, checkpoint) URLs."""
     os.environ.update(store_env)
-    from pipeline.storage import exists, read_bytes, write_bytes_atomic
-    from pipeline.synthetic import class_names, write_synthetic_shards
+    from pipeline.data.storage import exists, read_bytes, write_bytes_atomic
+    from pipeline.datasets.synthetic import class_names, write_synthetic_shards
 
     base = f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}"
     shards = f"{base}/shards/"

@@ -14,4 +14,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${PYTHON:-$root/.venv/bin/python}"
 [[ -x "$python" ]] || python=python3
 cd "$root"
-exec "$python" -m pipeline.local_store "$action" --dir "$dir" "$@"
+exec "$python" -m infra.local.s3_store "$action" --dir "$dir" "$@"

@@ -1,4 +1,4 @@
-"""jobs/evaluate_wsol.py and pipeline/evaluate.py on small fixture runs.
+"""jobs/evaluate_wsol.py and pipeline/evaluation/evaluate.py on small fixture runs.
 
 Maps are 14 x 14 with a block of 255 on cells [2, 6) x [2, 6) and 0 elsewhere; at the
 224 x 224 evaluation size the block is exactly the box [32, 32, 96, 96] at tau 0.5, and
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.evaluate import evaluate_run
-from pipeline.schema import localize_schema
+from pipeline.evaluation.evaluate import evaluate_run
+from pipeline.results.schema import localize_schema
 from run_factory import blob_map, make_row, write_run, write_shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,7 +187,7 @@ def test_manifest_in_the_localize_jobs_layout(tmp_path):
 def test_any_fsspec_url_works(tmp_path):
     import fsspec
 
-    from pipeline.pseudo_boxes import export_pseudo_boxes
+    from pipeline.evaluation.pseudo_boxes import export_pseudo_boxes
 
     run = write_run(str(tmp_path), "val", {"shard-000000": _labelled_rows()})
     fs = fsspec.filesystem("memory")
@@ -206,7 +206,7 @@ def test_any_fsspec_url_works(tmp_path):
 #
 # The run was localized with --resize-crop 256,224, so the maps cover the 224 centre crop of
 # the 256 x 256 resize. A 14 x 14 block of cells [a, b) gives the official box
-# [16 a - 2, 16 b + 2) clipped to [0, 224] at threshold 0.4 (tests/pipeline/test_sat_protocol.py
+# [16 a - 2, 16 b + 2) clipped to [0, 224] at threshold 0.4 (tests/pipeline/evaluation/test_sat_protocol.py
 # derives it); GT boxes map by x / W * 256 - 16, clipped to [0, 223], truncated.
 
 

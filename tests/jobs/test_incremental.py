@@ -22,7 +22,7 @@ import torch
 
 from model.checkpoint import checkpoint_bytes, default_config
 from model.factory import create_model
-from pipeline.synthetic import class_names, iter_synthetic_samples
+from pipeline.datasets.synthetic import class_names, iter_synthetic_samples
 from ray_cluster import CLUSTER_SCRIPT, REPO, RayCluster, cluster_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

@@ -34,12 +34,12 @@ from model.boxes import boxes_from_maps
 from model.checkpoint import default_config, load_checkpoint, save_checkpoint
 from model.factory import create_model
 from model.precision import resolve_precision
-from pipeline.localize_run import BadInputError, LocalizeOptions, run_localize
-from pipeline.evaluate import evaluate_run
-from pipeline.preprocess import ResizeCrop, normalize, resize_to_input, stack_uint8
-from pipeline.reader import read_samples
-from pipeline.schema import loc_map_shape, localize_schema
-from pipeline.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
+from pipeline.localize.run import BadInputError, LocalizeOptions, run_localize
+from pipeline.evaluation.evaluate import evaluate_run
+from pipeline.data.preprocess import ResizeCrop, normalize, resize_to_input, stack_uint8
+from pipeline.data.reader import read_samples
+from pipeline.results.schema import loc_map_shape, localize_schema
+from pipeline.datasets.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
 from ray_cluster import RayCluster
 from run_factory import write_shard
 

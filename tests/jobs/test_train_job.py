@@ -1,4 +1,4 @@
-"""jobs/train_sat.py and pipeline/train_job.py: 2-worker Ray Train (gloo, CPU) on tiny
+"""jobs/train_sat.py and pipeline/train/job.py: 2-worker Ray Train (gloo, CPU) on tiny
 synthetic shards in the SeaweedFS S3 store; resume after an interruption; freeze modes;
 bad input. One in-process Ray cluster for the module (Ray Train start-up is the cost)."""
 from __future__ import annotations
@@ -19,12 +19,12 @@ from model import create_model, load_checkpoint, save_checkpoint
 from model.checkpoint import default_config
 from model.precision import resolve_precision
 from pipeline.local_ray import start_local_ray
-from pipeline.recipes import RECIPES
-from pipeline.storage import StorageError, url_to_fs
-from pipeline.synthetic import class_names, write_synthetic_shards
-from pipeline.train_data import TrainDataError
-from pipeline.train_job import TrainOptions, run_training
-from pipeline.train_loop import TrainConfig, build_model, is_token_or_head
+from pipeline.train.recipes import RECIPES
+from pipeline.data.storage import StorageError, url_to_fs
+from pipeline.datasets.synthetic import class_names, write_synthetic_shards
+from pipeline.train.data import TrainDataError
+from pipeline.train.job import TrainOptions, run_training
+from pipeline.train.loop import TrainConfig, build_model, is_token_or_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -192,8 +192,8 @@ def test_train_run_logs_no_state_api_warning(data, capfd, tmp_path):
 
 def _write_local(url: str, drop_labels: bool = False, drop_class: int | None = None) -> str:
     """Small local train shards: labels removed, or one class left out."""
-    from pipeline.shard_writer import ShardWriter
-    from pipeline.synthetic import iter_synthetic_samples
+    from pipeline.datasets.webdataset_writer import ShardWriter
+    from pipeline.datasets.synthetic import iter_synthetic_samples
 
     with ShardWriter(url, prefix="train", max_count=100) as writer:
         for key, members in iter_synthetic_samples("train", 16, seed=0, num_classes=NUM_CLASSES):

@@ -25,8 +25,8 @@ import torch
 
 from model.checkpoint import default_config, save_checkpoint
 from model.factory import create_model
-from pipeline.local_store import LocalS3Store, stop_pid
-from pipeline.synthetic import class_names, write_synthetic_shards
+from infra.local.s3_store import LocalS3Store, stop_pid
+from pipeline.datasets.synthetic import class_names, write_synthetic_shards
 from ray_cluster import RayCluster, pids_with_title
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

@@ -21,9 +21,9 @@ import torch
 
 from model.checkpoint import default_config, save_checkpoint
 from model.factory import create_model
-from pipeline.local_store import LocalS3Store
-from pipeline.localize_run import plan_run
-from pipeline.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
+from infra.local.s3_store import LocalS3Store
+from pipeline.localize.run import plan_run
+from pipeline.datasets.synthetic import class_names, iter_synthetic_samples, write_synthetic_shards
 from ray_cluster import REPO, RayCluster, is_loopback, listening_sockets
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

@@ -1,0 +1,630 @@
+"""Evaluate one localize run (DESIGN §6): its Parquet directory -> a metrics dict.
+
+``read_run`` loads ``<output>/<run_id>/*.parquet`` (checking that every file belongs to
+one run) and the manifest; ``evaluate_run`` joins ground truth (from the rows, or from
+``--gt-shards``), sweeps the thresholds (``pipeline.metrics``) and returns the JSON the
+job writes. Metric values are percentages; a metric that cannot be computed (no GT
+boxes, no labels, no masks) is None, with a note saying why.
+
+Thresholds transfer between runs: the JSON records ``chosen_threshold`` (the tau that
+maximises BoxAcc at IoU 0.5 for the largest component, i.e. GT-known Loc), and
+``threshold_from=`` reads it from another run's JSON or evaluates another run directory
+(a labelled validation split) to get it. Top-1/Top-5/GT-known Loc then use that fixed
+threshold; MaxBoxAcc and MaxBoxAccV2 are threshold-free by definition.
+
+``protocol="sat"`` instead reproduces the official SAT evaluator (``pipeline.evaluation.sat_protocol``):
+the official box rule in the 224 x 224 centre crop of the 256 x 256 resize, GT boxes mapped
+into the crop, IoU with the +1-pixel convention, one fixed threshold (0.4 CUB, 0.3
+ImageNet). It needs a run localized with ``--resize-crop 256,224`` (the frame is read from
+the Parquet metadata and the manifest); the default protocol refuses such a run, whose maps
+cover only the crop.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import metrics
+from pipeline.evaluation import sat_protocol
+from pipeline.data.preprocess import ResizeCrop
+from pipeline.results.schema import RUN_ID_KEY, loc_map_shape, resize_crop_of
+from pipeline.data.storage import join_url, read_parquet, url_to_fs
+
+MANIFEST_NAME = "_manifest.json"
+EVAL_COLUMNS = (
+    "key", "shard", "status", "error", "width", "height", "label", "score", "topk_labels",
+    "class_name", "loc_map", "boxes", "fg_ratio", "gt_label", "gt_boxes", "threshold",
+)
+MAX_LISTED_ERRORS = 20
+PROTOCOLS = ("choe", "sat")  # Choe et al.'s sweep (the default) | the official SAT evaluator
+
+
+@dataclass
+class Run:
+    """One run's rows and what is known about the run."""
+
+    url: str
+    run_id: str | None
+    grid: tuple[int, int]
+    table: pa.Table
+    manifest: dict | None
+    notes: list[str] = field(default_factory=list)
+    resize_crop: ResizeCrop | None = None  # the maps cover this centre crop (--resize-crop); None: whole image
+
+    def class_names(self) -> dict[int, str]:
+        """Class id -> name: the manifest's list if it has one, else names seen in rows."""
+        names: dict[int, str] = {}
+        manifest = self.manifest or {}
+        config = manifest.get("config") or manifest.get("model_config") or {}
+        listed = config.get("class_names") or manifest.get("class_names")
+        if isinstance(listed, list):
+            names.update({i: str(n) for i, n in enumerate(listed)})
+        labels = self.table.column("label").to_pylist()
+        for label, name in zip(labels, self.table.column("class_name").to_pylist()):
+            if label is not None and name is not None:
+                names.setdefault(int(label), name)
+        return names
+
+
+def read_run(predictions_url: str) -> Run:
+    """Load a run directory; ValueError for mixed runs, grids or no Parquet at all."""
+    fs, root = url_to_fs(predictions_url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise ValueError(
+            f"--predictions {predictions_url}: not a directory; point it at a run directory "
+            "<output>/<run_id> written by jobs/localize_shards.py"
+        )
+    files = sorted(
+        p for p in fs.ls(root, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")
+    )
+    if not files:
+        raise ValueError(
+            f"--predictions {predictions_url}: no .parquet files; point it at a run directory "
+            "<output>/<run_id> written by jobs/localize_shards.py"
+        )
+    notes: list[str] = []
+    manifest = None
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    if fs.exists(manifest_path):
+        with fs.open(manifest_path, "rb") as f:
+            try:
+                manifest = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{join_url(predictions_url, MANIFEST_NAME)} is not valid JSON: {e}") from None
+    else:
+        notes.append(
+            f"no {MANIFEST_NAME} in {predictions_url}: the run may be unfinished or still running; "
+            f"evaluated the {len(files)} Parquet files present"
+        )
+
+    tables, run_ids, grids, frames = [], {}, {}, {}
+    for path in files:
+        name = path.rsplit("/", 1)[-1]
+        table = read_parquet(join_url(predictions_url, name), columns=list(EVAL_COLUMNS))
+        meta = table.schema.metadata or {}
+        run_ids.setdefault(meta.get(RUN_ID_KEY, b"").decode() or None, []).append(name)
+        try:
+            grids.setdefault(loc_map_shape(table.schema), []).append(name)
+        except ValueError as e:
+            raise ValueError(f"{name} in {predictions_url}: {e}") from None
+        frames.setdefault(resize_crop_of(table.schema), []).append(name)
+        tables.append(table.replace_schema_metadata(None))
+    named = {r: f for r, f in run_ids.items() if r is not None}
+    if len(named) > 1:
+        listing = "; ".join(f"run {r!r}: {', '.join(f[:3])}{' ...' if len(f) > 3 else ''}" for r, f in named.items())
+        raise ValueError(
+            f"--predictions {predictions_url} mixes files of {len(named)} runs ({listing}); "
+            "each run writes its own <output>/<run_id> directory: point --predictions at one of them"
+        )
+    if len(grids) > 1:
+        raise ValueError(
+            f"--predictions {predictions_url}: files disagree on the loc_map grid "
+            f"({', '.join(f'{h}x{w}' for h, w in grids)}); they come from different models"
+        )
+    run_id = next(iter(named), None)
+    if manifest is not None:
+        manifest_id = manifest.get("run_id")
+        if run_id and manifest_id and manifest_id != run_id:
+            raise ValueError(
+                f"{join_url(predictions_url, MANIFEST_NAME)} is for run {manifest_id!r} but the Parquet "
+                f"files are from run {run_id!r}: the directory mixes runs"
+            )
+        run_id = run_id or manifest_id
+        notes += _manifest_notes(manifest, files)
+    frame = _run_frame(predictions_url, frames, manifest)
+    return Run(predictions_url, run_id, next(iter(grids)), pa.concat_tables(tables), manifest, notes, frame)
+
+
+def _manifest_frame(manifest: dict | None) -> tuple[int, int] | None:
+    """(resize, crop) the manifest records (``input_frame`` or ``settings.resize_crop``), or None."""
+    manifest = manifest or {}
+    frame = manifest.get("input_frame") or {}
+    if frame.get("kind") == "resize_crop":
+        return int(frame["resize"]), int(frame["crop"])
+    setting = (manifest.get("settings") or {}).get("resize_crop")
+    if isinstance(setting, dict):
+        return int(setting["resize"]), int(setting["crop"])
+    return None
+
+
+def _run_frame(url: str, frames: dict, manifest: dict | None) -> ResizeCrop | None:
+    """The one input frame of a run's files (and manifest); ValueError when they disagree."""
+    def show(f: tuple[int, int] | None) -> str:
+        return "whole image (no --resize-crop)" if f is None else f"--resize-crop {f[0]},{f[1]}"
+
+    if len(frames) > 1:
+        listing = "; ".join(f"{show(f)}: {', '.join(n[:3])}" for f, n in frames.items())
+        raise ValueError(f"--predictions {url}: files were localized in different input frames ({listing})")
+    frame = next(iter(frames))
+    recorded = _manifest_frame(manifest)
+    if manifest is not None and recorded != frame and (recorded is not None or "input_frame" in manifest):
+        raise ValueError(
+            f"{join_url(url, MANIFEST_NAME)} records {show(recorded)} but the Parquet files {show(frame)}: "
+            "the directory mixes runs"
+        )
+    return ResizeCrop(*frame) if frame else None
+
+
+def loc_maps_of(ok: pa.Table, grid: tuple[int, int]) -> np.ndarray:
+    """(n, h, w) uint8 maps of good rows; ValueError naming a good row without a map."""
+    column = ok.column("loc_map")
+    if column.null_count:
+        missing = [k for k, m in zip(ok.column("key").to_pylist(), column.is_null().to_pylist()) if m]
+        raise ValueError(f"{len(missing)} rows with status 'ok' have no loc_map (first key: {missing[0]!r})")
+    if ok.num_rows == 0:
+        return np.zeros((0, *grid), dtype=np.uint8)
+    flat = np.asarray(column.combine_chunks().flatten(), dtype=np.uint8)
+    return flat.reshape(ok.num_rows, *grid)
+
+
+def _stem(url: str) -> str:
+    return os.path.splitext(url.rstrip("/").rsplit("/", 1)[-1])[0]
+
+
+def _manifest_notes(manifest: dict, files: list[str]) -> list[str]:
+    """Shards the manifest lists that are not done or have no Parquet file here.
+
+    Entries are shard URLs, or objects with ``shard``/``output``/``status`` (both forms
+    are accepted: the manifest grew fields over time).
+    """
+    present = {_stem(p) for p in files}
+    missing, not_done = [], []
+    for entry in manifest.get("shards") or []:
+        if isinstance(entry, dict):
+            if entry.get("status", "done") != "done":
+                not_done.append(f"{entry.get('shard')} ({entry.get('status')})")
+                continue
+            name = _stem(entry.get("output") or entry.get("shard") or "")
+        else:
+            name = _stem(str(entry))
+        if name not in present:
+            missing.append(name)
+    notes = []
+    if not_done:
+        notes.append(f"{len(not_done)} shards of the run are not done (first: {not_done[0]}): their rows are missing")
+    if missing:
+        notes.append(f"{len(missing)} shards listed in the manifest have no Parquet file (first: {missing[0]})")
+    return notes
+
+
+def _run_threshold(run: Run) -> tuple[float, str]:
+    manifest = run.manifest or {}
+    recorded = manifest.get("threshold", (manifest.get("settings") or {}).get("threshold"))
+    if recorded is not None:
+        return float(recorded), "manifest"
+    values = {round(float(v), 6) for v in run.table.column("threshold").to_pylist() if v is not None}
+    if len(values) == 1:
+        return values.pop(), "rows"
+    if not values:
+        raise ValueError(f"run {run.url} records no threshold: pass --threshold")
+    raise ValueError(f"run {run.url} rows use {len(values)} thresholds ({sorted(values)}): pass --threshold")
+
+
+def threshold_from(url: str) -> float:
+    """The threshold chosen on another run: from its evaluation JSON or its run directory."""
+    fs, path = url_to_fs(url)
+    if fs.isfile(path):
+        with fs.open(path, "rb") as f:
+            try:
+                result = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--threshold-from {url}: not an evaluation JSON ({e})") from None
+    elif fs.isdir(path):
+        result = evaluate_run(url)
+    else:
+        raise ValueError(f"--threshold-from {url}: no such file or run directory")
+    chosen = result.get("chosen_threshold") if isinstance(result, dict) else None
+    if chosen is None:
+        raise ValueError(
+            f"--threshold-from {url}: it chose no threshold (it has no GT boxes); evaluate a labelled "
+            "validation run, with --gt-shards if its rows lack boxes, and pass that JSON"
+        )
+    return float(chosen)
+
+
+def _resolve_threshold(run: Run, threshold: float | None, threshold_from_url: str | None) -> tuple[float, str]:
+    if threshold is not None and threshold_from_url is not None:
+        raise ValueError("give either --threshold or --threshold-from, not both")
+    if threshold is not None:
+        value, source = float(threshold), "given"
+    elif threshold_from_url is not None:
+        value, source = threshold_from(threshold_from_url), f"chosen on {threshold_from_url}"
+    else:
+        value, source = _run_threshold(run)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold {value} is relative to each map's range and must be in [0, 1]")
+    return value, source
+
+
+@dataclass
+class _Truth:
+    labels: list[int | None]
+    boxes: list[list | None]
+    masks: list[np.ndarray | None]  # np.packbits of the bool mask on the evaluation grid
+    names: dict[int, str]
+
+
+def _join_ground_truth(ok: pa.Table, gt_shards: str | None, notes: list[str]) -> _Truth:
+    labels = ok.column("gt_label").to_pylist()
+    boxes = ok.column("gt_boxes").to_pylist()
+    masks: list[np.ndarray | None] = [None] * ok.num_rows
+    names: dict[int, str] = {}
+    if gt_shards is None:
+        return _Truth(labels, boxes, masks, names)
+    from pipeline.evaluation.ground_truth import read_ground_truth
+
+    keys = ok.column("key").to_pylist()
+    truth = read_ground_truth(gt_shards, keys, mask_size=metrics.EVAL_SIZE)
+    widths, heights = ok.column("width").to_pylist(), ok.column("height").to_pylist()
+    unmatched, bad_masks = 0, []
+    for i, key in enumerate(keys):
+        gt = truth.get(key)
+        if gt is None:
+            unmatched += 1
+            continue
+        if labels[i] is None:
+            labels[i] = gt.label
+        if not boxes[i]:
+            boxes[i] = gt.boxes
+        if gt.label is not None and gt.class_name is not None:
+            names.setdefault(int(gt.label), gt.class_name)
+        if gt.mask is not None:
+            if gt.mask_shape != (heights[i], widths[i]):
+                bad_masks.append(key)
+            else:
+                masks[i] = np.packbits(gt.mask)  # 1 bit a pixel until PxAP needs it
+    if unmatched:
+        notes.append(f"{unmatched} of {len(keys)} predicted keys are not in --gt-shards {gt_shards}")
+    if bad_masks:
+        notes.append(f"{len(bad_masks)} masks differ in size from their image and were skipped (first: {bad_masks[0]})")
+    return _Truth(labels, boxes, masks, names)
+
+
+def _pct(hits: np.ndarray) -> float | None:
+    return float(hits.mean() * 100.0) if len(hits) else None
+
+
+def evaluate_run(
+    predictions_url: str,
+    threshold: float | None = None,
+    threshold_from: str | None = None,
+    gt_shards: str | None = None,
+    workers: int | None = None,
+    protocol: str = "choe",
+) -> dict:
+    """All DESIGN §6 metrics of one run, as the JSON-ready dict the job writes.
+
+    ``protocol="sat"``: the official SAT evaluator's figures instead (``evaluate_sat``).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    run = read_run(predictions_url)
+    if protocol == "sat":
+        return evaluate_sat(run, threshold, threshold_from, gt_shards)
+    if run.resize_crop is not None:
+        f = run.resize_crop
+        raise ValueError(
+            f"--predictions {predictions_url} was localized with --resize-crop {f.resize},{f.crop}: its maps "
+            "cover the centre crop only, not the whole image the default (Choe et al.) protocol evaluates; "
+            "evaluate it with --protocol sat, or localize again without --resize-crop"
+        )
+    notes = list(run.notes)
+    thr, thr_source = _resolve_threshold(run, threshold, threshold_from)
+    table = run.table
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    ok = table.filter(pa.array(status == "ok"))
+    errors = table.filter(pa.array(status != "ok"))
+    truth = _join_ground_truth(ok, gt_shards, notes)
+    names = {**truth.names, **run.class_names()}
+    n = ok.num_rows
+
+    # Classification: images with a true label.
+    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
+    has_label = gt_labels >= 0
+    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
+    topk = ok.column("topk_labels").to_pylist()
+    top1_hit = pred == gt_labels
+    top5_hit = metrics.topk_hits(gt_labels, topk, 5)
+    if n and not has_label.any():
+        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
+    if any(t is not None and len(t) < 5 for t, h in zip(topk, has_label) if h):
+        notes.append("rows carry fewer than 5 top-k labels: top5 counts the labels present")
+
+    # Localisation: images with at least one GT box.
+    has_box = np.array([bool(b) for b in truth.boxes], dtype=bool)
+    loc_idx = np.flatnonzero(has_box)
+    if n and loc_idx.size == 0:
+        notes.append(
+            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
+            "localisation metrics are null"
+        )
+    loc_maps = loc_maps_of(ok, run.grid)
+    widths = np.array(ok.column("width").to_pylist(), dtype=np.float64)
+    heights = np.array(ok.column("height").to_pylist(), dtype=np.float64)
+    taus = np.union1d(metrics.TAUS, [thr])
+    thr_k = metrics.tau_index(taus, thr)
+    grid_k = np.array([metrics.tau_index(taus, t) for t in metrics.TAUS])
+    gt_eval = metrics.wsol_gt_boxes([truth.boxes[i] for i in loc_idx], widths[loc_idx], heights[loc_idx])
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    sweep = metrics.sweep_loc_maps(loc_maps[loc_idx], gt_eval, taus, workers=workers if loc_idx.size > 512 else 1)
+    fixed_iou = sweep.largest_iou[:, thr_k]
+    grid_sweep = metrics.BoxSweep(metrics.TAUS, sweep.largest_iou[:, grid_k], sweep.best_iou[:, grid_k])
+    gt_known = fixed_iou >= 0.5
+
+    result: dict = {
+        "protocol": "choe",
+        "run_id": run.run_id,
+        "predictions": predictions_url,
+        "num_images": n,
+        "num_errors": errors.num_rows,
+        "num_cls_images": int(has_label.sum()),
+        "num_loc_images": int(loc_idx.size),
+        "threshold": thr,
+        "threshold_source": thr_source,
+        "eval_size": list(metrics.EVAL_SIZE),
+        "top1": _pct(top1_hit[has_label]),
+        "top5": _pct(top5_hit[has_label]),
+        "gt_known_loc": _pct(gt_known),
+        "top1_loc": None,
+        "top5_loc": None,
+        "maxboxacc": None,
+        "maxboxacc_v2": None,
+        "maxboxacc_v2_by_delta": None,
+        "best_taus": None,
+        "chosen_threshold": None,
+        "pxap": None,
+        "num_pxap_images": 0,
+    }
+    loc_and_label = has_label[loc_idx]
+    if loc_and_label.any():
+        result["top1_loc"] = _pct((gt_known & top1_hit[loc_idx])[loc_and_label])
+        result["top5_loc"] = _pct((gt_known & top5_hit[loc_idx])[loc_and_label])
+    if loc_idx.size:
+        value, tau = metrics.max_box_acc(grid_sweep)
+        v2, by_delta = metrics.max_box_acc_v2(grid_sweep)
+        result["maxboxacc"] = value
+        result["maxboxacc_v2"] = v2
+        result["maxboxacc_v2_by_delta"] = {f"{d:.1f}": v for d, (v, _) in by_delta.items()}
+        result["best_taus"] = {"maxboxacc": tau, **{f"{d:.1f}": t for d, (_, t) in by_delta.items()}}
+        result["chosen_threshold"] = tau
+
+    mask_idx = [i for i, m in enumerate(truth.masks) if m is not None]
+    if mask_idx:
+        acc = metrics.PxapAccumulator()
+        for start in range(0, len(mask_idx), 64):
+            part = mask_idx[start : start + 64]
+            scores = metrics.wsol_score_maps(loc_maps[part])
+            size = metrics.EVAL_SIZE[0] * metrics.EVAL_SIZE[1]
+            masks = [np.unpackbits(truth.masks[i], count=size).astype(bool) for i in part]
+            acc.add(scores, np.stack(masks).reshape(scores.shape))
+        result["pxap"] = acc.value()
+        result["num_pxap_images"] = len(mask_idx)
+    elif n:
+        notes.append("no foreground masks (.mask.png via --gt-shards): pxap is null")
+
+    result["per_class"] = _per_class(
+        gt_labels, has_label, top1_hit, top5_hit, loc_idx, gt_known, grid_sweep, result["best_taus"], names
+    )
+    result["errors"] = [
+        {"key": k, "shard": s, "error": e}
+        for k, s, e in zip(
+            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
+        )
+    ]
+    if errors.num_rows:
+        notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
+    result["notes"] = notes
+    return result
+
+
+def evaluate_sat(
+    run: Run, threshold: float | None = None, threshold_from: str | None = None, gt_shards: str | None = None
+) -> dict:
+    """The official SAT evaluator's figures of a run localized with ``--resize-crop``.
+
+    Same JSON keys as the default protocol; the sweep metrics (MaxBoxAcc, PxAP) are null.
+    """
+    frame = run.resize_crop
+    if frame is None:
+        raise ValueError(
+            f"--protocol sat needs the official test frame, but {run.url} was localized on the whole image: "
+            "rerun jobs/localize_shards.py with --resize-crop 256,224 (and a new --output or --run-id), "
+            "then evaluate that run"
+        )
+    if threshold_from is not None:
+        raise ValueError(
+            "--protocol sat uses one fixed threshold: pass --threshold (default 0.4 as on CUB; "
+            "0.3 for ImageNet), not --threshold-from"
+        )
+    thr = sat_protocol.CUB_THRESHOLD if threshold is None else float(threshold)
+    if not 0.0 <= thr <= 1.0:
+        raise ValueError(f"--threshold {thr} is relative to each map's range and must be in [0, 1]")
+    notes = list(run.notes)
+    if frame != sat_protocol.OFFICIAL_FRAME:
+        notes.append(f"the run's frame is --resize-crop {frame.resize},{frame.crop}, not the official 256,224")
+    status = np.array(run.table.column("status").to_pylist(), dtype=object)
+    ok = run.table.filter(pa.array(status == "ok"))
+    errors = run.table.filter(pa.array(status != "ok"))
+    truth = _join_ground_truth(ok, gt_shards, notes)
+    names = {**truth.names, **run.class_names()}
+    n = ok.num_rows
+
+    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
+    has_label = gt_labels >= 0
+    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
+    top1_hit = pred == gt_labels
+    top5_hit = metrics.topk_hits(gt_labels, ok.column("topk_labels").to_pylist(), 5)
+    if n and not has_label.any():
+        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
+
+    loc_idx = np.flatnonzero(np.array([bool(b) for b in truth.boxes], dtype=bool))
+    if n and loc_idx.size == 0:
+        notes.append(
+            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
+            "localisation metrics are null"
+        )
+    widths = ok.column("width").to_pylist()
+    heights = ok.column("height").to_pylist()
+    _, ious = sat_protocol.best_ious(
+        loc_maps_of(ok, run.grid)[loc_idx],
+        [truth.boxes[i] for i in loc_idx],
+        [widths[i] for i in loc_idx],
+        [heights[i] for i in loc_idx],
+        thr,
+        frame,
+    )
+    gt_known = ious >= sat_protocol.GT_KNOWN_IOU
+    loc_and_label = has_label[loc_idx]
+    notes.append(
+        "SAT protocol: boxes from the stored 8-bit loc_map (the official code thresholds the float map; "
+        "a pixel within about 1/510 of the map's range from the threshold can differ), classification "
+        "from the centre crop (the paper's CUB figures classify by ten-crop)"
+    )
+    result: dict = {
+        "protocol": "sat",
+        "run_id": run.run_id,
+        "predictions": run.url,
+        "num_images": n,
+        "num_errors": errors.num_rows,
+        "num_cls_images": int(has_label.sum()),
+        "num_loc_images": int(loc_idx.size),
+        "threshold": thr,
+        "threshold_source": "given" if threshold is not None else "SAT protocol default (CUB)",
+        "eval_size": [frame.crop, frame.crop],
+        "input_frame": {"resize": frame.resize, "crop": frame.crop},
+        "top1": _pct(top1_hit[has_label]),
+        "top5": _pct(top5_hit[has_label]),
+        "gt_known_loc": _pct(gt_known),
+        "top1_loc": _pct((gt_known & top1_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
+        "top5_loc": _pct((gt_known & top5_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
+        "maxboxacc": None,
+        "maxboxacc_v2": None,
+        "maxboxacc_v2_by_delta": None,
+        "best_taus": None,
+        "chosen_threshold": None,
+        "pxap": None,
+        "num_pxap_images": 0,
+    }
+    result["per_class"] = _per_class(gt_labels, has_label, top1_hit, top5_hit, loc_idx, gt_known, None, None, names)
+    result["errors"] = [
+        {"key": k, "shard": s, "error": e}
+        for k, s, e in zip(
+            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
+        )
+    ]
+    if errors.num_rows:
+        notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
+    result["notes"] = notes
+    return result
+
+
+def _per_class(
+    gt_labels: np.ndarray,
+    has_label: np.ndarray,
+    top1_hit: np.ndarray,
+    top5_hit: np.ndarray,
+    loc_idx: np.ndarray,
+    gt_known: np.ndarray,
+    sweep: metrics.BoxSweep | None,  # None with best_taus None (no sweep: the SAT protocol)
+    best_taus: dict | None,
+    names: dict[int, str],
+) -> dict:
+    """Per true class: counts and accuracies; BoxAcc at the run-wide best tau."""
+    out: dict = {}
+    in_loc = np.full(len(gt_labels), -1)
+    in_loc[loc_idx] = np.arange(len(loc_idx))
+    boxacc_k = metrics.tau_index(sweep.taus, best_taus["maxboxacc"]) if best_taus else None
+    for label in sorted(set(gt_labels[has_label].tolist())):
+        rows = np.flatnonzero(gt_labels == label)
+        loc_rows = in_loc[rows][in_loc[rows] >= 0]
+        entry = {
+            "label": int(label),
+            "num_images": int(len(rows)),
+            "top1": _pct(top1_hit[rows]),
+            "top5": _pct(top5_hit[rows]),
+            "gt_known_loc": _pct(gt_known[loc_rows]),
+            "top1_loc": _pct((gt_known[loc_rows] & top1_hit[loc_idx][loc_rows])) if loc_rows.size else None,
+            "top5_loc": _pct((gt_known[loc_rows] & top5_hit[loc_idx][loc_rows])) if loc_rows.size else None,
+            "boxacc_at_best_tau": _pct(sweep.largest_iou[loc_rows, boxacc_k] >= metrics.MAXBOXACC_DELTA)
+            if boxacc_k is not None and loc_rows.size
+            else None,
+        }
+        out[names.get(int(label), str(label))] = entry
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:6.2f}"
+
+
+def format_table(result: dict) -> str:
+    """The result as a readable text table (the JSON has everything)."""
+    lines = [
+        f"run {result['run_id'] or '?'}: {result['num_images']} images evaluated, "
+        f"{result['num_errors']} error rows; threshold {result['threshold']:.3f} ({result['threshold_source']})",
+    ]
+    sat = result.get("protocol") == "sat"
+    if sat:
+        frame = result["input_frame"]
+        lines.append(
+            f"protocol: the official SAT evaluator (centre crop {frame['crop']} of a {frame['resize']} resize, "
+            "IoU +1, fixed threshold)"
+        )
+    lines += ["", f"{'metric':<24}{'value (%)':>10}"]
+    rows = [
+        ("Top-1 cls", result["top1"]),
+        ("Top-5 cls", result["top5"]),
+        ("GT-known Loc", result["gt_known_loc"]),
+        ("Top-1 Loc", result["top1_loc"]),
+        ("Top-5 Loc", result["top5_loc"]),
+    ]
+    if not sat:  # sweep metrics: not part of the SAT protocol
+        rows += [("MaxBoxAcc (IoU 0.5)", result["maxboxacc"]), ("MaxBoxAccV2", result["maxboxacc_v2"])]
+        for delta, value in (result["maxboxacc_v2_by_delta"] or {}).items():
+            rows.append((f"  v2 part, IoU {delta}", value))
+        rows.append(("PxAP", result["pxap"]))
+    lines += [f"{name:<24}{_fmt(value):>10}" for name, value in rows]
+    if result["best_taus"]:
+        taus = result["best_taus"]
+        parts = ", ".join(f"IoU {k} at {v:.2f}" for k, v in taus.items() if k != "maxboxacc")
+        lines.append(f"best taus: MaxBoxAcc at {taus['maxboxacc']:.2f}; v2: {parts}")
+    if result["per_class"]:
+        lines += ["", f"{'class':<20}{'n':>6}{'top1':>8}{'top5':>8}{'gt-known':>10}{'top1-loc':>10}{'boxacc':>8}"]
+        for name, c in result["per_class"].items():
+            lines.append(
+                f"{name[:19]:<20}{c['num_images']:>6}{_fmt(c['top1']):>8}{_fmt(c['top5']):>8}"
+                f"{_fmt(c['gt_known_loc']):>10}{_fmt(c['top1_loc']):>10}{_fmt(c['boxacc_at_best_tau']):>8}"
+            )
+    for note in result["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,350 @@
+"""Driver side: hand whole shards to free actors, retry, replace dead actors, report progress.
+
+The scheduler knows nothing of models: an actor is anything with ``localize(job) ->
+ShardResult``, ``info()`` and ``progress()`` remote methods, built by ``create_actor(index)``.
+
+Rules:
+- one shard per actor at a time; a shard is never in flight twice, so no output is
+  written twice by one run (the worker also skips an output that already exists);
+- a shard that raises is retried up to ``max_retries`` times, each time on an actor
+  that has not tried it yet while such an actor is alive (with one actor, on that one);
+- an actor that dies (``RayActorError``: killed, OOM, node lost) is replaced by a new
+  one, and its shard counts one attempt and goes back in the queue; the replacement gets
+  work only once it has started, so when the cluster has no room for it (its node is
+  gone) the run finishes on the actors that are left;
+- a progress line at least every ``progress_seconds``; ``ScheduleOutcome`` for the summary.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from pipeline.localize.messages import ShardJob, ShardResult
+
+ACTOR_START_TIMEOUT = 900.0
+
+
+class ActorStartError(RuntimeError):
+    """The first actors could not start (bad checkpoint on the workers, no resources ...)."""
+
+
+@dataclass
+class ActorStats:
+    index: int
+    info: dict[str, Any] = field(default_factory=dict)
+    shards: int = 0
+    images: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+    died: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.busy_seconds if self.busy_seconds > 0 else 0.0
+
+
+@dataclass
+class _Slot:
+    stats: ActorStats
+    handle: Any
+    job: ShardJob | None = None
+    starting: Any = None  # a replacement's info() ref until it has started
+
+
+@dataclass
+class ScheduleOutcome:
+    results: list[ShardResult] = field(default_factory=list)  # one per finished shard
+    failed: dict[str, list[str]] = field(default_factory=dict)  # shard URL -> error per attempt
+    attempts: dict[str, int] = field(default_factory=dict)
+    actors: list[ActorStats] = field(default_factory=list)
+    replaced_actors: int = 0
+    seconds: float = 0.0  # from the first actor ready to the last result
+    startup_seconds: float = 0.0
+    overhead_seconds: list[float] = field(default_factory=list)  # per shard: round trip - in-actor time
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.results if not r.skipped)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.results if not r.skipped)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ACTOR_DETAIL = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:")
+
+
+def _describe_failure(e: BaseException) -> str:
+    """One line for logs and the manifest: the exception a shard or actor start raised."""
+    if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
+        return f"{type(e.cause).__name__}: {e.cause}"
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if isinstance(e, RayActorError) and getattr(e, "actor_init_failed", False):
+        return lines[-1]  # the exception raised in __init__, after its traceback
+    if isinstance(e, RayActorError):  # killed, OOM, node lost: the reason, without ids
+        return " ".join(ln for ln in lines if not ln.startswith(_ACTOR_DETAIL))[:500]
+    return f"{type(e).__name__}: {lines[-1]}"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLine:
+    """``shards 3/40 | 1,234 images | 45.3 img/s | 2 errors | ETA 1m23s`` on ``out``."""
+
+    def __init__(self, total_shards: int, out: TextIO | None = sys.stdout, every_seconds: float = 5.0):
+        self.total = total_shards
+        self.out = out
+        self.every = every_seconds
+        self.last_print = 0.0
+
+    def due(self, now: float) -> bool:
+        return now - self.last_print >= self.every
+
+    def line(self, done: int, failed: int, images: int, in_progress: int, errors: int, elapsed: float) -> str:
+        seen = images + in_progress
+        rate = seen / elapsed if elapsed > 0 else 0.0
+        remaining = self.total - done - failed
+        if done and rate > 0:
+            per_shard = images / done
+            eta = format_seconds(max(remaining * per_shard - in_progress, 0) / rate)
+        else:
+            eta = "?"
+        failed_text = f" ({failed} failed)" if failed else ""
+        return (
+            f"shards {done}/{self.total}{failed_text} | {seen:,} images | {rate:.1f} img/s | "
+            f"{errors} errors | ETA {eta}"
+        )
+
+    def emit(self, text: str, now: float) -> None:
+        self.last_print = now
+        if self.out is not None:
+            print(f"[localize] {text}", file=self.out, flush=True)
+
+
+class ShardScheduler:
+    def __init__(
+        self,
+        create_actor: Callable[[int], Any],
+        num_actors: int,
+        max_retries: int = 2,
+        progress: ProgressLine | None = None,
+        poll_progress: bool = True,
+    ) -> None:
+        if num_actors < 1:
+            raise ValueError(f"--num-actors must be >= 1, got {num_actors}")
+        if max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, got {max_retries}")
+        self.create_actor = create_actor
+        self.num_actors = num_actors
+        self.max_retries = max_retries
+        self.progress = progress
+        self.poll_progress = poll_progress
+        self.slots: list[_Slot] = []
+        self.retired: list[ActorStats] = []
+        self._next_index = 0
+
+    # --- actors ----------------------------------------------------------------------
+
+    def _new_slot(self) -> _Slot:
+        index = self._next_index
+        self._next_index += 1
+        return _Slot(ActorStats(index), self.create_actor(index))
+
+    def start(self, timeout: float = ACTOR_START_TIMEOUT) -> None:
+        """Create the actors and wait until each has loaded its model."""
+        self.slots = [self._new_slot() for _ in range(self.num_actors)]
+        refs = {s.handle.info.remote(): s for s in self.slots}
+        deadline = time.monotonic() + timeout
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(10.0, timeout))
+            for ref in ready:
+                try:
+                    refs[ref].stats.info = ray.get(ref)
+                except (RayActorError, RayTaskError) as e:
+                    self.shutdown()
+                    raise ActorStartError(f"a localize actor failed to start: {_describe_failure(e)}") from None
+            if waiting and self.progress is not None:
+                ready_count = len(self.slots) - len(waiting)
+                self.progress.emit(f"waiting for actors: {ready_count}/{len(self.slots)} ready", time.monotonic())
+            if waiting and time.monotonic() > deadline:
+                self.shutdown()
+                raise ActorStartError(
+                    f"{len(waiting)} of {len(self.slots)} localize actors did not start within {timeout:.0f}s: "
+                    "the cluster lacks the CPUs/GPUs they ask for (lower --num-actors, "
+                    "--cpus-per-actor or --gpus-per-actor)"
+                )
+
+    def _replace(self, slot: _Slot, why: str) -> None:
+        slot.stats.died = why
+        self.retired.append(slot.stats)
+        self.slots.remove(slot)
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:
+            pass
+        replacement = self._new_slot()
+        replacement.starting = replacement.handle.info.remote()
+        self.slots.append(replacement)
+
+    def _started(self, slot: _Slot) -> None:
+        """A replacement answered info(): it takes work from now on (or is retired)."""
+        ref, slot.starting = slot.starting, None
+        try:
+            slot.stats.info = ray.get(ref)
+        except (RayActorError, RayTaskError) as e:
+            slot.stats.died = f"failed to start: {_describe_failure(e)}"
+            self.retired.append(slot.stats)
+            self.slots.remove(slot)
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:
+                pass
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[ShardJob]) -> ScheduleOutcome:
+        outcome = ScheduleOutcome()
+        t_start = time.monotonic()
+        if not self.slots:
+            self.start()
+        outcome.startup_seconds = time.monotonic() - t_start
+        t0 = time.monotonic()
+        pending: deque[ShardJob] = deque(jobs)
+        tried_on: dict[str, set[int]] = {j.shard_url: set() for j in jobs}
+        errors: dict[str, list[str]] = {j.shard_url: [] for j in jobs}
+        in_flight: dict[Any, tuple[_Slot, ShardJob, float]] = {}
+        live_progress: dict[int, int] = {}
+
+        def fail_or_retry(job: ShardJob, why: str) -> None:
+            errors[job.shard_url].append(why)
+            outcome.attempts[job.shard_url] = len(errors[job.shard_url])
+            if len(errors[job.shard_url]) > self.max_retries:
+                outcome.failed[job.shard_url] = list(errors[job.shard_url])
+            else:
+                pending.appendleft(job)  # retry soon, while the cause is fresh in the logs
+
+        stalled_since: float | None = None
+        try:
+            while pending or in_flight:
+                self._assign(pending, tried_on, in_flight)
+                starting = {s.starting: s for s in self.slots if s.starting is not None}
+                if not in_flight:  # only replacements that have not started yet can take the rest
+                    stalled_since = stalled_since or time.monotonic()
+                    if not starting or time.monotonic() - stalled_since > ACTOR_START_TIMEOUT:
+                        why = "no localize actor left: replacements could not start (cluster too small?)"
+                        for job in pending:
+                            errors[job.shard_url].append(why)
+                            outcome.failed[job.shard_url] = list(errors[job.shard_url])
+                        pending.clear()
+                        break
+                else:
+                    stalled_since = None
+                now = time.monotonic()
+                timeout = None
+                if self.progress is not None:
+                    timeout = max(0.05, self.progress.every - (now - self.progress.last_print))
+                if not in_flight:
+                    timeout = min(timeout or 10.0, 10.0)
+                ready, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=timeout)
+                for ref in ready:
+                    if ref in starting:
+                        self._started(starting[ref])
+                        continue
+                    slot, job, submitted = in_flight.pop(ref)
+                    slot.job = None
+                    live_progress.pop(slot.stats.index, None)
+                    try:
+                        result: ShardResult = ray.get(ref)
+                    except RayActorError as e:
+                        why = f"actor {slot.stats.index} died: {_describe_failure(e)}"
+                        self._replace(slot, why)
+                        outcome.replaced_actors += 1
+                        fail_or_retry(job, why)
+                        continue
+                    except Exception as e:  # the shard itself failed (RayTaskError, lost object ...)
+                        tried_on[job.shard_url].add(slot.stats.index)
+                        fail_or_retry(job, f"on actor {slot.stats.index}: {_describe_failure(e)}")
+                        continue
+                    outcome.attempts[job.shard_url] = len(errors[job.shard_url]) + 1
+                    outcome.results.append(result)
+                    outcome.overhead_seconds.append(max(time.monotonic() - submitted - result.seconds, 0.0))
+                    if not result.skipped:
+                        slot.stats.shards += 1
+                        slot.stats.images += result.images
+                        slot.stats.errors += result.errors
+                        slot.stats.busy_seconds += result.seconds
+                now = time.monotonic()
+                if self.progress is not None and (self.progress.due(now) or not (pending or in_flight)):
+                    if self.poll_progress and in_flight:
+                        live_progress = self._poll(in_flight)
+                    self.progress.emit(
+                        self.progress.line(
+                            done=len(outcome.results),
+                            failed=len(outcome.failed),
+                            images=outcome.images,
+                            in_progress=sum(live_progress.values()),
+                            errors=outcome.errors,
+                            elapsed=now - t0,
+                        ),
+                        now,
+                    )
+        finally:
+            outcome.seconds = time.monotonic() - t0
+            outcome.actors = sorted(self.retired + [s.stats for s in self.slots], key=lambda a: a.index)
+        return outcome
+
+    def _assign(self, pending: deque[ShardJob], tried_on: dict[str, set[int]], in_flight: dict) -> None:
+        ready = [s for s in self.slots if s.starting is None]
+        live = {s.stats.index for s in ready}
+        for job in list(pending):
+            idle = [s for s in ready if s.job is None]
+            if not idle:
+                return
+            tried = tried_on[job.shard_url]
+            fresh = [s for s in idle if s.stats.index not in tried]
+            if fresh:
+                slot = fresh[0]
+            elif live <= tried:  # every live actor has tried it: any will do
+                slot = idle[0]
+            else:  # wait for a busy actor that has not tried it yet
+                continue
+            pending.remove(job)
+            slot.job = job
+            in_flight[slot.handle.localize.remote(job)] = (slot, job, time.monotonic())
+
+    def _poll(self, in_flight: dict) -> dict[int, int]:
+        """Samples done so far in each in-flight shard; actors that do not answer count 0."""
+        refs = {slot.handle.progress.remote(): slot.stats.index for slot, _, _ in in_flight.values()}
+        counts: dict[int, int] = {}
+        try:
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
+            for ref in ready:
+                try:
+                    counts[refs[ref]] = int(ray.get(ref))
+                except Exception:
+                    pass
+        except GetTimeoutError:
+            pass
+        return counts

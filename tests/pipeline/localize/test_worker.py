@@ -1,0 +1,106 @@
+"""pipeline/localize/worker.py without Ray: one shard -> one Parquet file."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.checkpoint import default_config, load_checkpoint, save_checkpoint
+from model.factory import create_model
+from pipeline.localize.rows import RowSettings
+from pipeline.localize.worker import (
+    ShardLocalizer,
+    WorkerSettings,
+    autocast_for,
+    output_counts,
+    prepared_samples,
+    written_by,
+)
+from pipeline.data.reader import read_samples
+from pipeline.localize.messages import ShardJob
+from pipeline.datasets.synthetic import write_synthetic_shards
+
+MODEL = "sat_vit_micro_patch8_64"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker")
+    shard = write_synthetic_shards(str(root / "shards"), "w", 20, seed=1, shard_size=20)[0]
+    torch.manual_seed(0)
+    save_checkpoint(create_model(MODEL, 10), str(root / "m.safetensors"), default_config(MODEL, 10, model_kwargs={}))
+    model, config = load_checkpoint(str(root / "m.safetensors"))
+    return {"root": root, "shard": shard, "model": model, "config": config}
+
+
+def _localizer(setup, **kw) -> ShardLocalizer:
+    settings = WorkerSettings(**{"batch_size": 6, "decode_threads": 2, **kw})
+    rows = RowSettings(threshold=0.4, model_sha256=setup["config"]["sha256"])
+    return ShardLocalizer(setup["model"], setup["config"], settings, rows)
+
+
+def test_decoded_samples_keep_shard_order_with_several_threads(setup):
+    with ThreadPoolExecutor(3) as pool:
+        keys = [p.sample.key for p in prepared_samples(setup["shard"], 64, pool, max_pending=4)]
+        assert keys == [s.key for s in read_samples(setup["shard"], decode=False)]
+        first = next(iter(prepared_samples(setup["shard"], 64, pool, max_pending=4)))
+    assert first.pixels.shape == (3, 64, 64) and first.pixels.dtype == torch.uint8
+    assert first.sample.image is None and first.sample.width == 64
+
+
+def test_reader_thread_stops_when_the_consumer_gives_up(setup):
+    before = threading.active_count()
+    with ThreadPoolExecutor(1) as pool:
+        stream = prepared_samples(setup["shard"], 64, pool, max_pending=2)
+        next(stream)
+        stream.close()  # the generator's finally stops and joins the reader
+    time.sleep(0.1)
+    assert threading.active_count() <= before
+
+
+def test_missing_shard_raises_in_the_consumer(setup, tmp_path):
+    with ThreadPoolExecutor(1) as pool, pytest.raises(FileNotFoundError, match="does not exist"):
+        list(prepared_samples(str(tmp_path / "nope.tar"), 64, pool, max_pending=2))
+
+
+def test_localize_writes_one_file_and_skips_it_next_time(setup, tmp_path):
+    loc = _localizer(setup)
+    out = str(tmp_path / "w.parquet")
+    first = loc.localize(ShardJob(setup["shard"], out, write_token="t1"))
+    assert (first.rows, first.errors, first.skipped) == (20, 0, False)
+    assert first.bytes_written > 0 and first.model_seconds > 0 and loc.images_done == 20
+    table = pq.read_table(out)
+    assert table.num_rows == 20 and table["key"].to_pylist() == [f"w_{i:07d}" for i in range(20)]
+    assert written_by(out) == "t1" and output_counts(out) == (20, 0)
+    mtime = (tmp_path / "w.parquet").stat().st_mtime_ns
+
+    again = loc.localize(ShardJob(setup["shard"], out))
+    assert again.skipped and again.rows == 20 and (tmp_path / "w.parquet").stat().st_mtime_ns == mtime
+    # --overwrite: a file from another run is redone; one from this run's earlier try is not.
+    same_run = loc.localize(ShardJob(setup["shard"], out, overwrite=True, write_token="t1"))
+    assert same_run.skipped
+    redo = loc.localize(ShardJob(setup["shard"], out, overwrite=True, write_token="t2"))
+    assert not redo.skipped and written_by(out) == "t2"
+    loc.close()
+
+
+def test_bf16_maps_stay_close_and_fp16_needs_cuda(setup, tmp_path):
+    fp32 = _localizer(setup)
+    bf16 = _localizer(setup, precision="bf16")
+    a = fp32.localize(ShardJob(setup["shard"], str(tmp_path / "a.parquet")))
+    b = bf16.localize(ShardJob(setup["shard"], str(tmp_path / "b.parquet")))
+    assert a.rows == b.rows == 20
+    maps_a = pq.read_table(tmp_path / "a.parquet")["loc_map"].to_pylist()
+    maps_b = pq.read_table(tmp_path / "b.parquet")["loc_map"].to_pylist()
+    diff = max(abs(x - y) for ma, mb in zip(maps_a, maps_b) for x, y in zip(ma, mb))
+    assert diff <= 4  # bf16 maps stay within a few quantisation steps
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        autocast_for("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        _localizer(setup, precision="fp16")
+    with pytest.raises(ValueError, match="--precision"):
+        WorkerSettings(precision="int8")
