@@ -1,32 +1,73 @@
 """WSOL metrics (DESIGN §6, Choe et al. CVPR 2020), vectorised over images and thresholds.
 
-Evaluation size. DESIGN §6 says "resized to the image"; like Choe et al.'s evaluator we
-resize every map to the model input size (224 x 224) instead and scale the GT boxes to
-that size. IoU does not change under a per-axis scaling, so the only effect is that
-components are found on a 224 x 224 grid rather than on the original pixels: every image
-costs the same, and a 10,000-image sweep fits in seconds. Masks for PxAP are resized to
-the same grid (nearest neighbour).
+The default sweep (``sweep_loc_maps``, what ``pipeline.evaluate`` reports as MaxBoxAcc,
+MaxBoxAccV2 and PxAP) follows clovaai/wsolevaluation (``inference.py`` and
+``evaluation.py`` of its latest version), which is what those numbers in papers mean:
 
-Conventions, the same as ``model.boxes`` (what the localize job writes):
+- score map: the patch-grid map resized to the 224 x 224 input frame with bicubic
+  interpolation exactly as OpenCV's ``cv2.resize(..., INTER_CUBIC)`` on float32 (a = -0.75,
+  source x = (x' + 0.5) * in / out - 0.5, edge taps clamped), then ``normalize_scoremap``:
+  minus the min, divided by the new max, in float32; a map with a NaN or a constant map
+  becomes all zeros (``wsol_score_maps``);
+- boxes: the map quantised as ``(score * 255).astype(uint8)`` and thresholded with ``>``
+  at ``int(tau * max)`` (``cv2.threshold`` THRESH_BINARY), tau = ``np.arange(0, 1, 0.001)``;
+  every contour of ``cv2.findContours(RETR_TREE)`` gives a box, its ``boundingRect``
+  (x, y, w, h) as ``[x, y, min(x + w, W - 1), min(y + h, H - 1)]``; no contour gives
+  ``[0, 0, 0, 0]``. MaxBoxAcc takes the contour of largest ``cv2.contourArea`` (ties: the
+  first in OpenCV's order), MaxBoxAccV2 every contour, outer and inner (hole) ones, and
+  the best (box, GT box) pair;
+- GT boxes: resized into the frame as ``int(x * 224 / width)`` (``wsol_gt_boxes``); IoU
+  with the +1-pixel convention (``wsol_iou``);
+- PxAP: ``MaskEvaluator``: per-pixel histograms over the bins [tau_k, tau_k+1), ...,
+  [1, 2), [2, 3) and the area under the precision-recall curve (``PxapAccumulator``).
 
-- score map = ``loc_map`` (uint8 on the patch grid) upsampled bilinearly
-  (half-pixel centres, like ``torch.nn.functional.interpolate(align_corners=False)``) and
-  min-max normalised; a constant map becomes all zeros;
-- foreground at tau is ``score >= tau``; 8-connected components; the "largest" component
-  is the one with most pixels, ties broken by the raster order of its first pixel;
-- a box is ``[x0, y0, x1, y1]`` with x1/y1 exclusive; an empty foreground gives the whole
-  image as the box.
+OpenCV is not used here (it is the tests' independent reference). What replaces it, all
+at once for every threshold:
 
-How the whole tau sweep stays array work. A component of ``{score >= tau}`` never needs a
-per-threshold labelling: every pixel is linked to its highest 8-neighbour (ties by pixel
-index), and pointer jumping sends each pixel to the local maximum it climbs to. Each such
-*basin* meets every superlevel set in one connected piece (the climb never goes down), so
-the components at a threshold are unions of basin pieces, joined where two basins touch at
-a level >= the threshold. Per (basin, level) pixel statistics (area, box) come from one
-scatter pass over the pixels; one graph labelling over (basin, level) nodes then gives the
-components of every threshold at once. ``tests/pipeline/test_metrics.py`` holds the
-brute-force reference (one ``ndimage.label`` per image per tau) that this matches exactly;
-``bench/bench_metrics.py`` measures both.
+- a contour's bounding rectangle: an outer contour's is its 8-connected component's box;
+  an inner contour runs around a hole (a 4-connected background component that does not
+  touch the image border) through the foreground pixels next to it, so its rectangle is
+  the hole's box grown by one pixel on each side;
+- the largest contour: holes never win (an inner contour lies inside its parent's outer
+  one), nor do components nested inside a hole. A top-level component's outer contour
+  runs through pixel centres around the component with its holes filled, so its area is
+  ``#(2 x 2 windows fully inside) + 0.5 * #(windows with exactly 3 inside)`` of the filled
+  component. The filled components at threshold t are the components of ``{fill > t}``,
+  where ``fill`` is the map with its holes filled (grey-level reconstruction by erosion
+  from the border, 4-connected). OpenCV lists top-level contours in reverse raster order
+  of their first pixel, so on equal areas the component whose first pixel comes last wins.
+
+``tests/pipeline/test_metrics.py`` checks each rule against a transcription of
+wsolevaluation's code that calls OpenCV, box by box.
+
+How it is fast: component trees, not a labelling per threshold
+(``pipeline.component_tree``, compiled with numba, one image at a time). The binary map
+changes one grey level at a time, so a union-find over the pixels taken in level order
+(a counting sort over the 256 values) holds the components of every threshold in turn;
+each root keeps its box, first pixel and contour area, and at each threshold that some
+tau maps to (``int(tau * max)``: at most 256 distinct ones for the 1,000 taus) one walk
+over the live roots gives the best IoU and the largest contour's IoU. Per image:
+
+- the background tree (4-connected, increasing): the holes and their boxes, the filled
+  map (each hole's pixels get the level at which it reaches the border), and, from the
+  2 x 2 window patterns, the Euler number of the foreground at each threshold;
+- the filled map's tree (8-connected, decreasing): the top-level components, their
+  boxes (the same as the unfilled ones') and contour areas;
+- the map's own tree only where a component lies inside a hole (components = Euler
+  number + holes exceeds the top-level count; a few maps in a hundred): its outer
+  contour is not a top-level one.
+
+``sweep_loc_maps`` also normalises and quantises each resized map in one compiled pass
+(the same float32 steps as ``quantised(wsol_score_maps(...))``). The first call in a
+process loads the compiled code from numba's cache (under ``pipeline/__pycache__``, or
+``NUMBA_CACHE_DIR``; well under a second); without a writable cache location it compiles
+(seconds) in each process. ``bench/bench_metrics.py`` times it against satloc's earlier
+101-tau sweep.
+
+``sweep_boxes`` keeps satloc's earlier rule for the train job's threshold choice
+(``pipeline.val_threshold``): bilinear upsampling, ``score >= tau``, the largest
+component by pixel count (ties: first pixel in raster order), x1/y1 exclusive, an empty
+foreground gives the whole image; its tree is the same union-find, by pixel count.
 """
 from __future__ import annotations
 
@@ -34,21 +75,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-TAUS = np.arange(101) / 100.0  # 0.00, 0.01, ..., 1.00 (Choe et al.'s grid, both ends kept)
+from pipeline import component_tree
+
+TAUS = np.arange(0, 1, 0.001)  # wsolevaluation's cam_curve_interval: 0.000, ..., 0.999
+PERCENT_TAUS = np.arange(101) / 100.0  # 0.00, ..., 1.00: sweep_boxes' grid (val_threshold)
 IOU_DELTAS = (0.3, 0.5, 0.7)
 MAXBOXACC_DELTA = 0.5
 EVAL_SIZE = (224, 224)  # (height, width): the model input size, as Choe et al.
 
-# The smallest float32 >= each grid tau: for float32 scores, s >= TAUS[k] <=> s >= _TAUS32[k].
+# The smallest float32 >= each percent tau: for float32 scores, s >= PERCENT_TAUS[k] <=> s >= _TAUS32[k].
 _TAUS32 = np.where(
-    TAUS.astype(np.float32).astype(np.float64) >= TAUS,
-    TAUS.astype(np.float32),
-    np.nextafter(TAUS.astype(np.float32), np.float32(np.inf)),
+    PERCENT_TAUS.astype(np.float32).astype(np.float64) >= PERCENT_TAUS,
+    PERCENT_TAUS.astype(np.float32),
+    np.nextafter(PERCENT_TAUS.astype(np.float32), np.float32(np.inf)),
 ).astype(np.float32)
-_ASCENT_BATCH = 4  # images per pixel pass: keeps the working arrays in cache
 
 
 # --------------------------------------------------------------------------- score maps
@@ -85,7 +126,7 @@ def score_maps(loc_maps: np.ndarray, size: tuple[int, int] = EVAL_SIZE) -> np.nd
     return np.ascontiguousarray(up)
 
 
-def quantise(scores: np.ndarray, taus: np.ndarray = TAUS) -> np.ndarray:
+def quantise(scores: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> np.ndarray:
     """Per pixel the number of taus <= score (intp): ``score >= taus[k]`` <=> level > k.
 
     The default grid takes a fast path (one multiply, one lookup); extra thresholds
@@ -93,8 +134,8 @@ def quantise(scores: np.ndarray, taus: np.ndarray = TAUS) -> np.ndarray:
     """
     taus = np.asarray(taus, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float32)
-    extras = np.setdiff1d(taus, TAUS)
-    if len(extras) + len(TAUS) == len(taus) and s.size:
+    extras = np.setdiff1d(taus, PERCENT_TAUS)
+    if len(extras) + len(PERCENT_TAUS) == len(taus) and s.size:
         if s.min() < 0 or s.max() > 1:
             raise ValueError("scores must lie in [0, 1] (use score_maps)")
         guess = (s * np.float32(100.0)).astype(np.intp)  # floor, within one of the answer
@@ -170,304 +211,187 @@ class BoxSweep:
         )
 
 
-@dataclass
-class _Basins:
-    """Basins of a batch of score maps and what the per-threshold unions need of them.
+# --------------------------------------------------------------------------- wsolevaluation frame
 
-    Statistics are per basin and level L, over the basin's pixels with level >= L.
+
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of OpenCV's INTER_CUBIC resize along one axis.
+
+    As ``cv::resize``: source position ``fx = float((x + 0.5) * n_in / n_out - 0.5)``, its
+    floor ``sx``, the four taps ``sx - 1 .. sx + 2`` clamped to the edge, and the float32
+    coefficients of ``interpolateCubic`` with A = -0.75 for ``fx - sx``.
     """
-
-    image: np.ndarray  # (B,) image index of each basin
-    top: np.ndarray  # (B,) highest level in the basin (its root's)
-    area: np.ndarray  # (B, T + 1) pixel count
-    first: np.ndarray  # (B, T + 1) smallest raster index (gives the box top)
-    last: np.ndarray  # (B, T + 1) largest raster index (gives the box bottom)
-    xmin: np.ndarray  # (B, T + 1)
-    xmax: np.ndarray  # (B, T + 1)
-    edge_a: np.ndarray  # (E,) adjacent basin pairs ...
-    edge_b: np.ndarray
-    edge_level: np.ndarray  # (E,) ... and the highest level at which they touch
-
-    @staticmethod
-    def concat(parts: Sequence["_Basins"], image_offsets: Sequence[int]) -> "_Basins":
-        starts = np.cumsum([0] + [len(p.top) for p in parts])
-        cat = np.concatenate
-        return _Basins(
-            image=cat([p.image + off for p, off in zip(parts, image_offsets)]),
-            top=cat([p.top for p in parts]),
-            area=cat([p.area for p in parts]),
-            first=cat([p.first for p in parts]),
-            last=cat([p.last for p in parts]),
-            xmin=cat([p.xmin for p in parts]),
-            xmax=cat([p.xmax for p in parts]),
-            edge_a=cat([p.edge_a + s for p, s in zip(parts, starts)]),
-            edge_b=cat([p.edge_b + s for p, s in zip(parts, starts)]),
-            edge_level=cat([p.edge_level for p in parts]),
-        )
+    fx = ((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5).astype(np.float32)
+    sx = np.floor(fx)
+    x = (fx - sx).astype(np.float32)
+    a, one = np.float32(-0.75), np.float32(1.0)
+    x1, y = x + one, one - x
+    c0 = ((a * x1 - np.float32(5.0) * a) * x1 + np.float32(8.0) * a) * x1 - np.float32(4.0) * a
+    c1 = ((a + np.float32(2.0)) * x - (a + np.float32(3.0))) * x * x + one
+    c2 = ((a + np.float32(2.0)) * y - (a + np.float32(3.0))) * y * y + one
+    c3 = one - c0 - c1 - c2
+    taps = np.clip(sx.astype(np.int64)[:, None] + np.arange(-1, 3), 0, n_in - 1)
+    out = np.zeros((n_out, n_in), dtype=np.float64)
+    for k, c in enumerate((c0, c1, c2, c3)):
+        np.add.at(out, (np.arange(n_out), taps[:, k]), c.astype(np.float64))
+    return out.astype(np.float32)
 
 
-def _suffix(values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
-    """Accumulate along the level axis from the top level down (levels >= L)."""
-    return ufunc.accumulate(values[:, ::-1], axis=1)[:, ::-1]
+def _bicubic_resize(loc_maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    maps = np.asarray(loc_maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"loc_maps must be (n, h, w), got shape {maps.shape}")
+    rows = bicubic_matrix(maps.shape[1], size[0])
+    cols = bicubic_matrix(maps.shape[2], size[1])
+    return np.ascontiguousarray(np.einsum("yi,nij,xj->nyx", rows, maps, cols, optimize=True), dtype=np.float32)
 
 
-class _Workspace:
-    """Pixel buffers for one batch of ``m`` maps of h x w, reused batch after batch.
+def wsol_score_maps(loc_maps: np.ndarray, size: tuple[int, int] = EVAL_SIZE) -> np.ndarray:
+    """(n, h, w) maps -> (n, H, W) float32 in [0, 1], as wsolevaluation's ``inference.py``.
 
-    Fresh multi-megabyte temporaries cost page faults on every batch (measured: the
-    neighbourhood maximum took 7x longer with temporaries than with these buffers).
+    Bicubic resize (``bicubic_matrix``; equal to ``cv2.resize`` INTER_CUBIC within float32
+    rounding), then ``normalize_scoremap`` in float32: a map with a NaN, or a constant one,
+    becomes zeros; otherwise ``map -= map.min(); map /= map.max()``.
     """
-
-    def __init__(self, m: int, h: int, w: int, taus: np.ndarray):
-        self.m, self.h, self.w = m, h, w
-        extras = np.setdiff1d(taus, TAUS)
-        # Thresholds beyond the default grid (None: not a superset of it, use searchsorted).
-        self.extra_taus = extras if len(extras) + len(TAUS) == len(taus) else None
-        npix = h * w
-        size = m * npix
-        self.key = np.full((m, h + 2, w + 2), -1, dtype=np.int64)  # border stays -1
-        self.across = np.empty((m, h + 2, w), dtype=np.int64)
-        self.best = np.empty((m, h, w), dtype=np.int64)
-        self.jumped = np.empty(size, dtype=np.int64)
-        self.index = np.arange(size, dtype=np.int64)
-        self.image_start = (np.arange(m, dtype=np.int64) * npix)[:, None, None]
-        self.pix = np.tile(np.arange(npix, dtype=np.int64), m)  # raster index within the image
-        self.col = self.pix % w
-        self.local_pix = self.pix[:npix].reshape(h, w)
-        self.real = np.empty(size, dtype=np.float32)
-        self.level = np.empty(size, dtype=np.intp)
-        self.basin = np.empty(size, dtype=np.intp)
-        self.group = np.empty(size, dtype=np.intp)
-        self.flag = np.empty(size, dtype=bool)
+    up = _bicubic_resize(loc_maps, size)
+    if up.size == 0:
+        return up
+    with np.errstate(invalid="ignore"):
+        lo = up.min(axis=(1, 2), keepdims=True)
+        up -= lo
+        hi = up.max(axis=(1, 2), keepdims=True)
+        dead = np.isnan(hi[:, 0, 0]) | (hi[:, 0, 0] == 0)  # NaN anywhere propagates to the max
+        up /= np.where(hi > 0, hi, np.float32(1.0))
+    up[dead] = 0.0
+    return up
 
 
-def _levels_into(ws: _Workspace, scores: np.ndarray, taus: np.ndarray, size: int) -> np.ndarray:
-    """``quantise`` without temporaries, for scores already known to lie in [0, 1]."""
-    level, real, flag = ws.level[:size], ws.real[:size], ws.flag[:size]
-    s = scores.reshape(-1)
-    extras = ws.extra_taus
-    if extras is None:
-        level[:] = np.searchsorted(taus, s, side="right")
-        return level
-    np.multiply(s, np.float32(100.0), out=real)
-    np.copyto(level, real, casting="unsafe")  # truncation = floor: within one of the answer
-    np.take(_TAUS32, level, out=real)
-    np.greater_equal(s, real, out=flag)
-    level += flag
-    for tau in extras:
-        np.greater_equal(s, tau, out=flag)
-        level += flag
-    return level
+def quantised(scores: np.ndarray) -> np.ndarray:
+    """wsolevaluation's ``(scoremap * 255).astype(np.uint8)``, for scores in [0, 1]."""
+    return (np.asarray(scores, dtype=np.float32) * np.float32(255.0)).astype(np.uint8)
 
 
-def _basins(ws: _Workspace, scores: np.ndarray, taus: np.ndarray) -> _Basins:
-    """Basins of a batch of at most ``ws.m`` score maps, and their per-level statistics."""
-    m, h, w = scores.shape
-    npix = h * w
-    size = m * npix
-    # A non-negative float32's bits order like its value; the pixel index breaks ties, so
-    # every climb is strictly upwards and ends at a local maximum.
-    key, across, best = ws.key[:m], ws.across[:m], ws.best[:m]
-    inner = key[:, 1:-1, 1:-1]
-    inner[...] = scores.view(np.int32)
-    inner <<= 32
-    inner |= ws.local_pix
-    np.maximum(key[:, :, :-2], key[:, :, 1:-1], out=across)
-    np.maximum(across, key[:, :, 2:], out=across)
-    np.maximum(across[:, :-2], across[:, 1:-1], out=best)
-    np.maximum(best, across[:, 2:], out=best)
-    best &= 0xFFFFFFFF  # the winner's pixel index ...
-    best += ws.image_start[:m]  # ... within the batch
-    parent, jumped, flag = best.reshape(-1), ws.jumped[:size], ws.flag[:size]
-    roots = np.flatnonzero(np.equal(parent, ws.index[:size], out=flag))
-    # Pointer jumping: each round doubles how far a pointer reaches. Climbs are rarely
-    # shorter than 32 pixels, so the first rounds run blind on every pixel; then only the
-    # pixels still moving (about half, then a fifth, ...) are followed.
-    for _ in range(5):
-        np.take(parent, parent, out=jumped)
-        parent, jumped = jumped, parent
-    moving = np.flatnonzero(np.not_equal(np.take(parent, parent, out=jumped), parent, out=flag))
-    while moving.size:
-        ahead = parent[moving]
-        further = parent[ahead]
-        parent[moving] = further
-        moving = moving[further != ahead]
-    n_basins = len(roots)
-    basin = ws.basin[:size]
-    basin[roots] = np.arange(n_basins)
-    np.take(basin, parent, out=ws.group[:size])  # group is free until below
-    basin[:] = ws.group[:size]
-    level = _levels_into(ws, scores, taus, size)
-    n_levels = len(taus) + 1
+def wsol_gt_boxes(
+    gt_boxes: Sequence[np.ndarray | Sequence | None],
+    widths: np.ndarray,
+    heights: np.ndarray,
+    size: tuple[int, int] = EVAL_SIZE,
+) -> np.ndarray:
+    """GT boxes in original pixels -> (n, G, 4) int64 in the frame, as ``resize_bbox``.
 
-    group = ws.group[:size]
-    np.multiply(basin, n_levels, out=group)
-    group += level
-    pix, col = ws.pix[:size], ws.col[:size]
-    cells = n_basins * n_levels
-    area = np.bincount(group, minlength=cells).reshape(n_basins, n_levels)
-    first = np.full(cells, npix, dtype=np.int64)
-    np.minimum.at(first, group, pix)
-    last = np.full(cells, -1, dtype=np.int64)
-    np.maximum.at(last, group, pix)
-    xmin = np.full(cells, w, dtype=np.int64)
-    np.minimum.at(xmin, group, col)
-    xmax = np.full(cells, -1, dtype=np.int64)
-    np.maximum.at(xmax, group, col)
-
-    edge_a, edge_b, edge_level = _basin_edges(ws, basin, level, h, w, n_basins)
-    return _Basins(
-        image=roots // npix,
-        top=level[roots],
-        area=_suffix(area, np.add),
-        first=_suffix(first.reshape(n_basins, n_levels), np.minimum),
-        last=_suffix(last.reshape(n_basins, n_levels), np.maximum),
-        xmin=_suffix(xmin.reshape(n_basins, n_levels), np.minimum),
-        xmax=_suffix(xmax.reshape(n_basins, n_levels), np.maximum),
-        edge_a=edge_a,
-        edge_b=edge_b,
-        edge_level=edge_level,
-    )
-
-
-def _basin_edges(
-    ws: _Workspace, basin: np.ndarray, level: np.ndarray, h: int, w: int, n_basins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of 8-adjacent basins and the highest level at which they touch (both >= it).
-
-    ``basin``/``level`` are flat over a batch of h x w images. Right and down neighbours
-    are compared on the whole arrays; a diagonal pair can only differ where a right or a
-    down pair next to it differs (p and p+w+1 differ => p, p+1 or p+1, p+1+w do), so
-    diagonals are only checked there.
+    Each coordinate becomes ``int(x * new_size / size)`` (float64, truncated). Images with
+    fewer boxes are padded with a box outside the image (IoU 0 with any box in it).
     """
-    npix = h * w
-    size = len(basin)
-    flag = ws.flag[: size - 1]
-    right = np.flatnonzero(np.not_equal(basin[:-1], basin[1:], out=flag))
-    right = right[right % w != w - 1]  # not across a row end
-    flag = ws.flag[: size - w]
-    down = np.flatnonzero(np.not_equal(basin[:-w], basin[w:], out=flag))
-    down = down[down % npix < npix - w]  # not across an image end
-    not_last_row = lambda p: p[p % npix < npix - w]  # noqa: E731
-    # p -> p+w+1 from a right pair (p, p+1) or a down pair (p+1, p+1+w).
-    diag = not_last_row(np.concatenate([right, (down - 1)[down % w != 0]]))
-    # p -> p+w-1 from a right pair (p-1, p) or a down pair (p-1, p-1+w).
-    anti = not_last_row(np.concatenate([right + 1, (down + 1)[down % w != w - 1]]))
-    diag = diag[basin[diag] != basin[diag + w + 1]]
-    anti = anti[basin[anti] != basin[anti + w - 1]]
-    pa = np.concatenate([right, down, diag, anti])
-    pb = np.concatenate([right + 1, down + w, diag + w + 1, anti + w - 1])
-    a, b = basin[pa], basin[pb]
-    weight = np.minimum(level[pa], level[pb])
-    pair = np.minimum(a, b) * n_basins + np.maximum(a, b)
-    if n_basins <= 2048:  # a dense table: no sort (pairs repeat all along each border)
-        table = np.zeros(n_basins * n_basins, dtype=np.intp)
-        np.maximum.at(table, pair, weight)
-        pair = np.flatnonzero(table)
-        weight = table[pair]
-    else:
-        top = int(weight.max(initial=0)) + 1
-        keyed = np.unique(pair * top + weight)
-        pair = keyed // top
-        last = np.r_[pair[1:] != pair[:-1], True][: len(pair)]  # the last of each pair has the max level
-        pair, weight = pair[last], (keyed % top)[last]
-        pair, weight = pair[weight > 0], weight[weight > 0]
-    return pair // n_basins, pair % n_basins, weight
+    n = len(gt_boxes)
+    count = max([len(b) for b in gt_boxes if b is not None] + [1])
+    out = np.tile(np.array([-2, -2, -1, -1], dtype=np.int64), (n, count, 1))
+    widths = np.asarray(widths, dtype=np.float64)
+    heights = np.asarray(heights, dtype=np.float64)
+    for i, boxes in enumerate(gt_boxes):
+        if boxes is None or len(boxes) == 0:
+            continue
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        scale = np.array([size[1], size[0], size[1], size[0]], dtype=np.float64)
+        frame = np.array([widths[i], heights[i], widths[i], heights[i]])
+        out[i, : len(arr)] = np.trunc(arr * scale / frame).astype(np.int64)
+    return out
 
 
-def _components(basins: _Basins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Connected components at every level, in one graph labelling.
+def wsol_iou(boxes: np.ndarray, gts: np.ndarray) -> np.ndarray:
+    """IoU of ``boxes`` (..., 4) with ``gts`` (..., G, 4) -> (..., G), +1-pixel convention.
 
-    A node is a (basin, level) pair for every level the basin reaches (its piece of the
-    superlevel set); an edge joins two basins' nodes at every level up to the level where
-    the basins touch. Returns per node its basin, its level and its component label: a
-    component label is one connected component at one level.
+    As ``calculate_multiple_iou``: x1/y1 inclusive, a pair whose union is <= 0 scores 0.
     """
-    top = basins.top
-    start = np.cumsum(top) - top  # first node of each basin; its nodes are levels 1..top
-    n_nodes = int(top.sum())
-    node_basin = np.repeat(np.arange(len(top)), top)
-    node_level = np.arange(n_nodes) - start[node_basin] + 1
-    weight = basins.edge_level
-    edge = np.repeat(np.arange(len(weight)), weight)
-    edge_level = np.arange(len(edge)) - np.repeat(np.cumsum(weight) - weight, weight) + 1
-    graph = coo_matrix(
-        (
-            np.ones(len(edge), dtype=np.int8),
-            (start[basins.edge_a[edge]] + edge_level - 1, start[basins.edge_b[edge]] + edge_level - 1),
-        ),
-        shape=(n_nodes, n_nodes),
-    )
-    label = connected_components(graph, directed=False)[1]
-    return node_basin, node_level, label
+    b = np.asarray(boxes, dtype=np.int64)[..., None, :]
+    g = np.asarray(gts, dtype=np.int64)
+    iw = np.maximum(0, np.minimum(b[..., 2], g[..., 2]) - np.maximum(b[..., 0], g[..., 0]) + 1)
+    ih = np.maximum(0, np.minimum(b[..., 3], g[..., 3]) - np.maximum(b[..., 1], g[..., 1]) + 1)
+    inter = iw * ih
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    area_g = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
+    union = area_b + area_g - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = TAUS) -> BoxSweep:
-    """IoUs of the thresholded boxes of each score map, for every tau at once.
+# --------------------------------------------------------------------------- satloc's sweep
 
-    ``scores``: (n, H, W) float32 in [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes
-    on the same grid (``gt_boxes_to_eval``); ``taus`` strictly increasing.
+
+def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> BoxSweep:
+    """IoUs of the thresholded boxes of each score map under satloc's rule, every tau at once.
+
+    The rule of ``pipeline.val_threshold``: foreground ``score >= tau``, 8-connected; the
+    largest component by pixel count (ties: first pixel in raster order); x1/y1
+    exclusive; an empty foreground gives the whole image. ``scores``: (n, H, W) float32 in
+    [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes on the same grid
+    (``gt_boxes_to_eval``); ``taus`` strictly increasing.
     """
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     taus = np.asarray(taus, dtype=np.float64)
     if taus.ndim != 1 or len(taus) == 0 or np.any(np.diff(taus) <= 0):
         raise ValueError("taus must be a non-empty, strictly increasing 1-D array")
     n, h, w = scores.shape
-    npix = h * w
     n_taus = len(taus)
     if n == 0:
         return BoxSweep(taus, np.zeros((0, n_taus), np.float32), np.zeros((0, n_taus), np.float32))
     if gt_eval.shape[0] != n:
         raise ValueError(f"{n} score maps but GT boxes for {gt_eval.shape[0]} images")
+    if scores.min() < 0 or scores.max() > 1:
+        raise ValueError("scores must lie in [0, 1] (use score_maps)")
     whole_iou = box_iou(np.array([0.0, 0.0, w, h]), gt_eval).max(axis=-1)
+    levels = quantise(scores, taus)  # foreground at taus[k]: level > k
+    largest, best = component_tree.satloc_sweep(levels, n_taus, np.asarray(gt_eval, dtype=np.float64), whole_iou)
+    return BoxSweep(taus, largest.astype(np.float32), best.astype(np.float32))
 
-    starts = range(0, n, _ASCENT_BATCH)
-    ws = _Workspace(min(n, _ASCENT_BATCH), h, w, taus)
-    parts = [_basins(ws, scores[s : s + _ASCENT_BATCH], taus) for s in starts]
-    basins = _Basins.concat(parts, list(starts))
-    node_basin, node_level, comp = _components(basins)
-    n_comp = int(comp.max()) + 1 if comp.size else 0
-    c_area = np.bincount(comp, weights=basins.area[node_basin, node_level], minlength=n_comp).astype(np.int64)
-    c_first = np.full(n_comp, npix, dtype=np.int64)
-    np.minimum.at(c_first, comp, basins.first[node_basin, node_level])
-    c_last = np.full(n_comp, -1, dtype=np.int64)
-    np.maximum.at(c_last, comp, basins.last[node_basin, node_level])
-    c_x0 = np.full(n_comp, w, dtype=np.int64)
-    np.minimum.at(c_x0, comp, basins.xmin[node_basin, node_level])
-    c_x1 = np.full(n_comp, -1, dtype=np.int64)
-    np.maximum.at(c_x1, comp, basins.xmax[node_basin, node_level])
-    c_image = np.zeros(n_comp, dtype=np.int64)
-    c_image[comp] = basins.image[node_basin]
-    c_tau = np.zeros(n_comp, dtype=np.int64)
-    c_tau[comp] = node_level - 1  # foreground at taus[k] is level >= k + 1
-    c_y0 = c_first // w
-    boxes = np.stack([c_x0, c_y0, c_x1 + 1, c_last // w + 1], axis=1).astype(np.float64)
-    iou = box_iou(boxes, gt_eval[c_image]).max(axis=-1)
 
-    # Per (image, tau): the best component, and the largest one. An image with no pixel
-    # at a tau gets the whole image as its box.
-    slot = c_image * n_taus + c_tau
-    best = np.full(n * n_taus, -1.0)
-    np.maximum.at(best, slot, iou)
-    # Largest: most pixels, then the first pixel in raster order (as model.boxes orders
-    # them), packed into one integer per component; smaller is better.
-    rank = (npix - c_area) * (npix + 1) + c_first
-    image_best = np.full(n * n_taus, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(image_best, slot, rank)
-    winner = rank == image_best[slot]
-    largest = np.full(n * n_taus, -1.0)
-    largest[slot[winner]] = iou[winner]
-    fallback = np.repeat(whole_iou, n_taus)
-    empty = best < 0
-    best[empty] = fallback[empty]
-    largest[empty] = fallback[empty]
-    return BoxSweep(
-        taus, largest.reshape(n, n_taus).astype(np.float32), best.reshape(n, n_taus).astype(np.float32)
-    )
+# --------------------------------------------------------------------------- wsolevaluation's sweep
+
+def sweep_wsol_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = TAUS) -> BoxSweep:
+    """wsolevaluation's boxes and IoUs for every tau at once (module docstring).
+
+    ``scores``: (n, H, W) float32 in [0, 1] (``wsol_score_maps``); ``gt_eval``: (n, G, 4)
+    int boxes in the same frame (``wsol_gt_boxes``); ``taus`` in [0, 1]. ``largest_iou``
+    is the IoU of the largest contour's box (MaxBoxAcc), ``best_iou`` the best over every
+    contour's box (MaxBoxAccV2); each the best over GT boxes.
+    """
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    taus = np.asarray(taus, dtype=np.float64)
+    if taus.ndim != 1 or len(taus) == 0:
+        raise ValueError("taus must be a non-empty 1-D array")
+    n, h, w = scores.shape
+    n_taus = len(taus)
+    if n == 0:
+        return BoxSweep(taus, np.zeros((0, n_taus), np.float32), np.zeros((0, n_taus), np.float32))
+    if gt_eval.shape[0] != n:
+        raise ValueError(f"{n} score maps but GT boxes for {gt_eval.shape[0]} images")
+    if not (scores.min() >= 0 and scores.max() <= 1):
+        raise ValueError("scores must lie in [0, 1] (use wsol_score_maps)")
+    return _sweep_levels(quantised(scores), gt_eval, taus)
+
+
+def _sweep_levels(q: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray) -> BoxSweep:
+    """``sweep_wsol_boxes`` on the quantised maps (n, H, W) uint8."""
+    n = len(q)
+    # wsolevaluation: cv2.threshold(q, int(tau * q.max()), THRESH_BINARY) keeps q > t.
+    q_max = q.reshape(n, -1).max(axis=1).astype(np.float64)
+    thresholds = np.clip((taus[None, :] * q_max[:, None]).astype(np.int64), 0, component_tree.WSOL_LEVELS - 1)
+    rows = np.arange(n)[:, None]
+    needed = np.zeros((n, component_tree.WSOL_LEVELS), dtype=bool)
+    needed[rows, thresholds] = True
+    best, largest = component_tree.wsol_sweep(q, needed, np.asarray(gt_eval, dtype=np.float64))
+    return BoxSweep(taus, largest[rows, thresholds].astype(np.float32), best[rows, thresholds].astype(np.float32))
 
 
 def _sweep_chunk(loc_maps: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray, size: tuple[int, int]) -> BoxSweep:
-    return sweep_boxes(score_maps(loc_maps, size), gt_eval, taus)
+    """``sweep_wsol_boxes(wsol_score_maps(loc_maps, size), gt_eval, taus)``, with the
+    normalisation and quantisation fused into one compiled pass (same float32 steps)."""
+    taus = np.asarray(taus, dtype=np.float64)
+    if taus.ndim != 1 or len(taus) == 0:
+        raise ValueError("taus must be a non-empty 1-D array")
+    if len(gt_eval) != len(loc_maps):
+        raise ValueError(f"{len(loc_maps)} maps but GT boxes for {len(gt_eval)} images")
+    if len(loc_maps) == 0:
+        return BoxSweep(taus, np.zeros((0, len(taus)), np.float32), np.zeros((0, len(taus)), np.float32))
+    return _sweep_levels(component_tree.normalized_levels(_bicubic_resize(loc_maps, size)), gt_eval, taus)
 
 
 def sweep_loc_maps(
@@ -478,10 +402,12 @@ def sweep_loc_maps(
     workers: int = 1,
     chunk: int = 256,
 ) -> BoxSweep:
-    """``sweep_boxes`` over stored maps (n, h, w), in chunks, on ``workers`` processes.
+    """wsolevaluation's sweep over stored maps (n, h, w): ``wsol_score_maps`` then
+    ``sweep_wsol_boxes`` (``gt_eval`` from ``wsol_gt_boxes``), in chunks, on ``workers``
+    processes.
 
-    Chunks keep memory flat (a 224 x 224 score map is 200 KB); processes, not threads,
-    because the pixel work is many short numpy calls that hold the GIL between them.
+    Chunks keep memory flat (a 224 x 224 score map is 200 KB). Each spawned worker loads
+    the compiled trees from numba's cache on its first chunk (compiles them without one).
     """
     n = len(loc_maps)
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [(0, 0)]
@@ -542,29 +468,40 @@ def topk_hits(gt_labels: np.ndarray, topk_labels: Sequence[Sequence[int] | None]
 
 
 class PxapAccumulator:
-    """Pixel average precision over a whole set (Choe et al.): add batches, read ``value``.
+    """Pixel average precision over a whole set, as wsolevaluation's ``MaskEvaluator``.
 
-    Per tau, predicted foreground is ``score >= tau``; precision and recall count every
-    pixel of every image. The area under the precision-recall curve is summed as
-    ``precision(tau) * (recall(tau) - recall(next higher tau))`` over taus that predict
-    at least one pixel, from tau = 1 down to tau = 0, as Choe et al.'s evaluator does.
+    ``add`` score maps (``wsol_score_maps``) and bool masks batch by batch; ``value`` is
+    PxAP in percent. Per pixel a histogram over the bins [tau_0, tau_1), ..., [tau_last, 1),
+    [1, 2), [2, 3): from the top bin down, the cumulative counts give TP and FP at each
+    threshold (``score >= edge``), and the area under the precision-recall curve is
+    ``sum(precision[k] * (recall[k] - recall[k - 1]))`` over the thresholds that predict
+    at least one pixel.
     """
 
     def __init__(self, taus: np.ndarray = TAUS):
         self.taus = np.asarray(taus, dtype=np.float64)
-        self.positive = np.zeros(len(self.taus) + 1, dtype=np.int64)
-        self.negative = np.zeros(len(self.taus) + 1, dtype=np.int64)
+        if self.taus.ndim != 1 or np.any(np.diff(self.taus) <= 0) or self.taus[-1] >= 1.0:
+            raise ValueError("PxAP taus must be strictly increasing and below 1")
+        self.edges = np.append(self.taus, [1.0, 2.0, 3.0])
+        self.positive = np.zeros(len(self.edges) - 1, dtype=np.int64)
+        self.negative = np.zeros(len(self.edges) - 1, dtype=np.int64)
         self.images = 0
+
+    def _histogram(self, values: np.ndarray) -> np.ndarray:
+        """``np.histogram(values, bins=self.edges)[0]`` (the last bin closed), by index."""
+        bins = np.searchsorted(self.edges, values, side="right") - 1
+        bins[values == self.edges[-1]] = len(self.edges) - 2
+        keep = (bins >= 0) & (bins < len(self.edges) - 1)
+        return np.bincount(bins[keep], minlength=len(self.edges) - 1)
 
     def add(self, scores: np.ndarray, masks: np.ndarray) -> None:
         """``scores`` (n, H, W) in [0, 1]; ``masks`` (n, H, W) bool foreground."""
         masks = np.asarray(masks, dtype=bool)
+        scores = np.asarray(scores)
         if masks.shape != scores.shape:
             raise ValueError(f"masks {masks.shape} and score maps {scores.shape} differ in shape")
-        level = quantise(scores, self.taus)
-        bins = len(self.taus) + 1
-        self.positive += np.bincount(level[masks], minlength=bins)
-        self.negative += np.bincount(level[~masks], minlength=bins)
+        self.positive += self._histogram(scores[masks])
+        self.negative += self._histogram(scores[~masks])
         self.images += len(scores)
 
     def value(self) -> float | None:
@@ -572,13 +509,10 @@ class PxapAccumulator:
         total_pos = int(self.positive.sum())
         if total_pos == 0:
             return None
-        # Pixels at level > k are foreground at taus[k]: suffix sums over levels.
-        tp = np.cumsum(self.positive[::-1])[::-1][1:].astype(np.float64)
-        fp = np.cumsum(self.negative[::-1])[::-1][1:].astype(np.float64)
+        tp = np.cumsum(self.positive[::-1]).astype(np.float64)  # score >= 2, >= 1, >= tau_last, ...
+        fp = np.cumsum(self.negative[::-1]).astype(np.float64)
         predicted = tp + fp
         precision = np.where(predicted > 0, tp / np.where(predicted > 0, predicted, 1.0), 0.0)
         recall = tp / total_pos
-        # From the highest tau down: recall grows.
-        precision, recall, predicted = precision[::-1], recall[::-1], predicted[::-1]
-        gain = np.diff(np.r_[0.0, recall])
-        return float(np.sum((precision * gain)[predicted > 0]) * 100.0)
+        gain = np.diff(recall)
+        return float(np.sum((precision[1:] * gain)[predicted[1:] > 0]) * 100.0)

@@ -2,8 +2,10 @@
 
 Maps are 14 x 14 with a block of 255 on cells [2, 6) x [2, 6) and 0 elsewhere; at the
 224 x 224 evaluation size the block is exactly the box [32, 32, 96, 96] at tau 0.5, and
-[24, 24, 104, 104] at tau 0.01 (IoU 0.64 with the block's box), so the numbers below are
-worked out by hand.
+[24, 24, 104, 104] at tau 0.091 (IoU 0.64 with the block's box), so the numbers below are
+worked out by hand. Below tau 0.091 the box is the whole image: the bicubic resize
+undershoots next to the block, so after the min-max normalisation the background sits at
+level 23 of 255 (wsolevaluation's rule: foreground ``q > int(tau * 255)``).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def test_metrics_of_a_labelled_run_by_hand(tmp_path):
     assert r["top1_loc"] == pytest.approx(100 / 3)  # only a
     assert r["top5_loc"] == pytest.approx(100 / 3)  # b's class is in the top-5 but its box misses
     assert r["maxboxacc"] == pytest.approx(200 / 3)
-    assert r["best_taus"]["maxboxacc"] == 0.01 and r["chosen_threshold"] == 0.01
+    assert r["best_taus"]["maxboxacc"] == 0.091 and r["chosen_threshold"] == 0.091
     assert r["maxboxacc_v2"] == pytest.approx(200 / 3)
     assert r["maxboxacc_v2_by_delta"] == pytest.approx({"0.3": 200 / 3, "0.5": 200 / 3, "0.7": 200 / 3})
     assert r["pxap"] is None
@@ -87,10 +89,10 @@ def test_cli_writes_json_and_table_and_threshold_transfers(tmp_path):
     proc = _run_cli("--predictions", test, "--threshold-from", str(out), "--output", str(tmp_path / "test.json"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "test.json").read_text())
-    assert result["threshold"] == 0.01  # val's choice, not the test run's own 0.3
+    assert result["threshold"] == 0.091  # val's choice, not the test run's own 0.3
     assert "chosen on" in result["threshold_source"]
     # A run directory works as the source too (it is evaluated on the fly).
-    assert evaluate_run(test, threshold_from=val)["threshold"] == 0.01
+    assert evaluate_run(test, threshold_from=val)["threshold"] == 0.091
 
 
 def test_run_without_ground_truth_reports_nulls_and_a_note(tmp_path):
@@ -287,3 +289,17 @@ def test_frame_disagreeing_between_files_and_manifest_is_an_error(tmp_path):
     pq.write_table(table, os.path.join(run, "shard-000001.parquet"))
     with pytest.raises(ValueError, match="different input frames"):
         evaluate_run(run, protocol="sat")
+
+
+def test_a_manifest_in_the_old_test_only_shape_says_what_to_do(tmp_path):
+    """Plain-string shards, a top-level config and threshold: a shape localize never wrote."""
+    run = write_run(str(tmp_path), "r", {"shard-000000": _labelled_rows()}, with_manifest=False)
+    legacy = {"run_id": "r", "shards": ["data/shard-000000.tar"], "config": {}, "threshold": 0.5}
+    with open(os.path.join(run, "_manifest.json"), "w") as f:
+        json.dump(legacy, f)
+    with pytest.raises(ValueError, match="old shape .* rerun jobs/localize_shards.py with the same --run-id .* or delete"):
+        evaluate_run(run)
+    proc = _run_cli("--predictions", run)
+    assert proc.returncode == 2 and "old shape" in proc.stderr and "Traceback" not in proc.stderr
+    os.remove(os.path.join(run, "_manifest.json"))  # what the message offers: the files alone
+    assert evaluate_run(run)["gt_known_loc"] == pytest.approx(200 / 3)
