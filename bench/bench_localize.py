@@ -33,10 +33,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model.boxes import boxes_from_maps  # noqa: E402
-from model.checkpoint import default_config, load_checkpoint, save_checkpoint  # noqa: E402
+from model.checkpoint import default_config  # noqa: E402
+from pipeline.data.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from model.factory import create_model  # noqa: E402
 from pipeline.localize.rows import RowSettings  # noqa: E402
-from pipeline.localize.worker import ShardLocalizer, WorkerSettings, autocast_for  # noqa: E402
+from model.precision import autocast_for  # noqa: E402
+from pipeline.localize.worker import ShardLocalizer, WorkerSettings  # noqa: E402
 from pipeline.data.preprocess import normalize, resize_to_input, stack_uint8  # noqa: E402
 from pipeline.data.reader import read_samples  # noqa: E402
 from pipeline.localize.messages import ShardJob  # noqa: E402
@@ -106,7 +108,7 @@ def parquet_bytes_per_image(grid: int, rows: int = 1000) -> dict[str, float]:
     """Bytes per row of a 1000-row file whose maps are smooth blobs (like a trained model's)
     or uniform noise (the incompressible worst case)."""
     from pipeline.localize.rows import localize_rows
-    from pipeline.localize.worker import parquet_bytes
+    from pipeline.results.parquet import parquet_bytes
     from pipeline.data.reader import Sample
     from pipeline.results.schema import localize_schema
 
@@ -141,11 +143,11 @@ def worker_alone(model, config, batch, precision, shard_url, out_dir) -> tuple[f
 
 
 def ray_run(shards_dir, checkpoint, out_dir, run_id, actors, cpus, batch, precision, limit):
-    from pipeline.localize.run import LocalizeOptions, run_localize
+    from pipeline.localize.run import LocalizeConfig, run_localize
 
     t0 = time.perf_counter()
     summary = run_localize(
-        LocalizeOptions(
+        LocalizeConfig(
             shards=shards_dir, checkpoint=checkpoint, output=out_dir, run_id=run_id, num_actors=actors,
             cpus_per_actor=cpus, gpus_per_actor=0, batch_size=batch, precision=precision, limit=limit,
             progress_seconds=30,

@@ -1,4 +1,4 @@
-"""Benchmark the WSOL threshold sweep (pipeline/metrics.py): prints figures, never fails.
+"""Benchmark the WSOL threshold sweep (pipeline/evaluation/metrics.py): prints figures, never fails.
 
 In one run, on the same 10,000 random blobby 14 x 14 maps, 224 x 224, both MaxBoxAcc and
 MaxBoxAccV2 (IoU 0.3/0.5/0.7):
@@ -29,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import metrics  # noqa: E402
+from pipeline.evaluation import metrics  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import metrics_101_baseline as baseline  # noqa: E402

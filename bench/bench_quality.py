@@ -42,14 +42,15 @@ def data(workdir: str, family: str, seed: int, sizes: dict[str, int], num_classe
 
 
 def train(workdir: str, name: str, specs: dict[str, str], settings: dict, seed: int, workers: int) -> tuple[str, float]:
-    from pipeline.train.job import TrainOptions, run_training
+    from pipeline.train.job import run_training
+    from pipeline.train.options import TrainOptions
 
     ckpt = os.path.abspath(os.path.join(workdir, "checkpoints", f"{name}.safetensors"))
     timing = ckpt + ".seconds"
     if os.path.exists(ckpt) and os.path.exists(timing):
         return ckpt, float(open(timing).read())
     start = time.time()
-    run_training(TrainOptions(
+    run_training(TrainOptions.from_settings(
         train_shards=specs["train"], val_shards=specs["val"], output=ckpt, name=name,
         storage_path=os.path.abspath(os.path.join(workdir, "ray_train")), num_workers=workers, seed=seed,
         verbose=True, **settings,
@@ -62,12 +63,12 @@ def train(workdir: str, name: str, specs: dict[str, str], settings: dict, seed: 
 
 def localize_and_evaluate(workdir: str, name: str, ckpt: str, specs: dict[str, str]) -> dict:
     from pipeline.evaluation.evaluate import evaluate_run
-    from pipeline.localize.run import LocalizeOptions, run_localize
+    from pipeline.localize.run import LocalizeConfig, run_localize
 
     result_path = os.path.join(workdir, "eval", f"{name}.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
-    summary = run_localize(LocalizeOptions(
+    summary = run_localize(LocalizeConfig(
         shards=specs["test"], checkpoint=ckpt, output=os.path.abspath(os.path.join(workdir, "predictions")),
         run_id=name, num_actors=2, precision="fp32",  # as the documented figures were made
     ), out=None)

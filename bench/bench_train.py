@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from pipeline.local_ray import start_local_ray  # noqa: E402
 from pipeline.datasets.synthetic import write_synthetic_shards  # noqa: E402
 from pipeline.train.data import index_split, train_batches  # noqa: E402
-from pipeline.train.job import TrainOptions, run_training  # noqa: E402
+from pipeline.train.job import run_training  # noqa: E402
+from pipeline.train.options import TrainOptions  # noqa: E402
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def plain_loop_here(args) -> list[float]:
 def ray_train(args, workdir: str, train_dir: str, val_dir: str, workers: int,
               cpus_per_worker: float) -> tuple[list[float], float, float]:
     """(images/s per epoch, end-to-end seconds, seconds outside the training steps)."""
-    options = TrainOptions(
+    options = TrainOptions.from_settings(
         train_shards=train_dir, val_shards=val_dir, output=f"{workdir}/out/w{workers}.safetensors",
         storage_path=f"{workdir}/runs", name=f"bench-w{workers}-{int(time.time())}", model=args.model,
         epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, precision=args.precision,

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from quality_lab import iou, load_split  # noqa: E402
 from model.boxes import boxes_from_normalized, normalized_upsampled_maps  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.data.checkpoints import load_checkpoint  # noqa: E402
 from pipeline.evaluation.overlays import Tile, render_sheet  # noqa: E402
 from pipeline.train.loop import TrainConfig, predict  # noqa: E402
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.boxes import boxes_from_normalized, normalized_upsampled_maps  # noqa: E402
+from model.losses import SATLossConfig  # noqa: E402
 from pipeline.data.reader import read_samples  # noqa: E402
 from pipeline.data.shards import expand_shards  # noqa: E402
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, predict, train_epoch  # noqa: E402
@@ -216,8 +217,9 @@ def main(argv=None):
         return
     cfg = TrainConfig(
         model=model_name, num_classes=num_classes, model_kwargs=json.loads(a.model_kwargs), epochs=a.epochs,
-        batch_size=a.batch_size, lr=a.lr, alpha=a.alpha, area_mode=a.area_mode, norm_weight=a.norm_weight,
-        area_weight=a.area_weight, spatial_loss_start=a.spatial_start, spatial_loss_ramp=a.spatial_ramp,
+        batch_size=a.batch_size, lr=a.lr,
+        loss=SATLossConfig(alpha=a.alpha, area_mode=a.area_mode, norm_weight=a.norm_weight, area_weight=a.area_weight),
+        spatial_loss_start=a.spatial_start, spatial_loss_ramp=a.spatial_ramp,
         pretrained=a.pretrained, backbone_lr_scale=a.backbone_lr_scale, seed=a.seed,
     )
     model = build_model(cfg)

@@ -19,11 +19,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.precision import PRECISION_CHOICES  # noqa: E402
-from pipeline.localize.run import BadInputError, LocalizeOptions, run_localize  # noqa: E402
+from pipeline.localize.run import BadInputError, LocalizeConfig, run_localize  # noqa: E402
 from pipeline.localize.scheduler import ActorStartError  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> LocalizeOptions:
+def parse_args(argv: list[str] | None = None) -> LocalizeConfig:
+    """The flags as a checked LocalizeConfig (BadInputError naming a wrong flag)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="brace pattern, prefix/, path, URL or @list.txt")
     p.add_argument("--checkpoint", required=True, help="satloc checkpoint (.safetensors), any fsspec URL")
@@ -49,13 +50,12 @@ def parse_args(argv: list[str] | None = None) -> LocalizeOptions:
     p.add_argument("--overwrite", action="store_true", help="redo shards whose output exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan (shards total, done, to do) and exit")
     args = p.parse_args(argv)
-    return LocalizeOptions(**vars(args))
+    return LocalizeConfig(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
     try:
-        summary = run_localize(options)
+        summary = run_localize(parse_args(argv))
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

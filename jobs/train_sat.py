@@ -35,12 +35,53 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.precision import PRECISION_CHOICES  # noqa: E402
 from pipeline.train.recipes import TRAIN_RECIPES, train_recipe  # noqa: E402
-from pipeline.train.job import TrainOptions, is_deit_size, resolve_model_name, run_training  # noqa: E402
+from pipeline.train.job import run_training  # noqa: E402
+from pipeline.train.options import TrainOptions, is_deit_size, resolve_model_name, setting_fields  # noqa: E402
 from pipeline.train.loop import FREEZE_MODES, PRECISIONS, SCHEDULES  # noqa: E402
 from pipeline.evaluation.threshold import THRESHOLD_METRICS  # noqa: E402
 
-D = TrainOptions.__dataclass_fields__
 TRAIN_PRECISION_CHOICES = tuple(p for p in PRECISION_CHOICES if p == "auto" or p in PRECISIONS)
+# Given as they are, never from a recipe: the data, the recipe itself, where the run goes.
+PLACES = ("train_shards", "val_shards", "recipe", "storage_path", "name", "output")
+# The flags in --help order: setting name, help, argparse extras. The flag is the name with
+# dashes; its type and default come from the field (TrainConfig, SATLossConfig, TrainOptions).
+FLAGS = (
+    ("train_shards", "shard spec of the labelled training split", {}),
+    ("val_shards", "shard spec of the labelled val split with GT boxes", {}),
+    ("recipe", "every hyper-parameter of a known run (see above); explicit flags override it",
+     dict(choices=tuple(TRAIN_RECIPES))),
+    ("model", "a create_model name (sat_*/cam_*) or a backbone", {}),
+    ("img_size", "input size (default: the backbone's)", {}),
+    ("model_kwargs", 'JSON overrides, e.g. \'{"depth": 6, "embed_dim": 128, "num_heads": 4, "patch_size": 8}\' '
+     "(merged into a recipe's)", {}),
+    ("method", "replaces the method prefix of --model", dict(choices=("sat", "cam"))),
+    ("pretrained", "DeiT/official SAT weights or a satloc checkpoint (two-stage recipe)", {}),
+    ("epochs", "", {}),
+    ("batch_size", "global, across workers", {}),
+    ("lr", "", {}),
+    ("schedule", "after the warm-up: cosine to zero, or constant (the official runs)", dict(choices=SCHEDULES)),
+    ("weight_decay", "", {}),
+    ("warmup_epochs", "", {}),
+    ("alpha", "target map area", {}),
+    ("area_weight", "", {}),
+    ("norm_weight", "", {}),
+    ("spatial_loss_start", "epochs before the area and normalization terms start", {}),
+    ("spatial_loss_ramp", "epochs over which they ramp to full weight", {}),
+    ("backbone_lr_scale", "the backbone's lr as a fraction of the token's and head's", {}),
+    ("freeze", "token: only the spatial token, its position embedding, the head and the re-weighted blocks "
+     "train", dict(choices=FREEZE_MODES)),
+    ("images_per_class", "few-shot: the first N keys of each class (sorted)", {}),
+    ("num_workers", "", {}),
+    ("use_gpu", "", {}),
+    ("precision", "auto: bf16 on GPUs and native-bf16 CPUs, else fp32", dict(choices=TRAIN_PRECISION_CHOICES)),
+    ("storage_path", "Ray Train run storage: a directory or s3:// URL", {}),
+    ("name", "run name (same name + storage path = resume)", {}),
+    ("seed", "", {}),
+    ("output", "URL of the final satloc checkpoint", {}),
+    ("threshold_metric", "what the box threshold is chosen for on the val split", dict(choices=THRESHOLD_METRICS)),
+    ("max_failures", "worker failures Ray Train recovers from (from the last checkpoint)", {}),
+)
+FIELDS = setting_fields()
 
 
 def _json_object(text: str) -> dict:
@@ -53,57 +94,38 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> TrainOptions:
+def add_flag(p: argparse.ArgumentParser, name: str, help: str, extra: dict) -> None:
+    """A setting's flag: absent unless given (so a recipe can fill it), its default shown."""
+    field = FIELDS[name]
+    kwargs = dict(extra)
+    if field.kind is bool:
+        kwargs["action"] = "store_true"
+    elif field.kind is not str:
+        kwargs["type"] = _json_object if field.kind is dict else field.kind
+    flag = "--" + name.replace("_", "-")
+    if name in PLACES:
+        p.add_argument(flag, required=field.required, help=help, **kwargs)
+        return
+    default = field.default
+    plain = isinstance(default, (int, float, str)) and not isinstance(default, bool)
+    help = "; ".join(x for x in (help, f"default {default}" if plain else "") if x)
+    p.add_argument(flag, default=argparse.SUPPRESS, help=help or None, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, help, extra in FLAGS:
+        add_flag(p, name, help, extra)
+    return p
 
-    def setting(flag: str, help: str = "", **kwargs) -> None:
-        """A training option: absent unless given (so a recipe can fill it), default shown."""
-        default = D[flag.lstrip("-").replace("-", "_")].default
-        plain = isinstance(default, (int, float, str)) and not isinstance(default, bool)
-        shown = f"default {default}" if plain else ""
-        help = "; ".join(x for x in (help, shown) if x)
-        p.add_argument(flag, default=argparse.SUPPRESS, help=help or None, **kwargs)
 
-    p.add_argument("--train-shards", required=True, help="shard spec of the labelled training split")
-    p.add_argument("--val-shards", required=True, help="shard spec of the labelled val split with GT boxes")
-    p.add_argument("--recipe", choices=tuple(TRAIN_RECIPES),
-                   help="every hyper-parameter of a known run (see above); explicit flags override it")
-    setting("--model", "a create_model name (sat_*/cam_*) or a backbone")
-    setting("--img-size", "input size (default: the backbone's)", type=int)
-    setting("--model-kwargs", 'JSON overrides, e.g. \'{"depth": 6, "embed_dim": 128, "num_heads": 4, '
-            '"patch_size": 8}\' (merged into a recipe\'s)', type=_json_object)
-    setting("--method", "replaces the method prefix of --model", choices=("sat", "cam"))
-    setting("--pretrained", "DeiT/official SAT weights or a satloc checkpoint (two-stage recipe)")
-    setting("--epochs", type=int)
-    setting("--batch-size", "global, across workers", type=int)
-    setting("--lr", type=float)
-    setting("--schedule", "after the warm-up: cosine to zero, or constant (the official runs)", choices=SCHEDULES)
-    setting("--weight-decay", type=float)
-    setting("--warmup-epochs", type=float)
-    setting("--alpha", "target map area", type=float)
-    setting("--area-weight", type=float)
-    setting("--norm-weight", type=float)
-    setting("--spatial-loss-start", "epochs before the area and normalization terms start", type=float)
-    setting("--spatial-loss-ramp", "epochs over which they ramp to full weight", type=float)
-    setting("--backbone-lr-scale", "the backbone's lr as a fraction of the token's and head's", type=float)
-    setting("--freeze", "token: only the spatial token, its position embedding, the head and the "
-            "re-weighted blocks train", choices=FREEZE_MODES)
-    setting("--images-per-class", "few-shot: the first N keys of each class (sorted)", type=int)
-    setting("--num-workers", type=int)
-    setting("--use-gpu", action="store_true")
-    setting("--precision", "auto: bf16 on GPUs and native-bf16 CPUs, else fp32", choices=TRAIN_PRECISION_CHOICES)
-    p.add_argument("--storage-path", required=True, help="Ray Train run storage: a directory or s3:// URL")
-    p.add_argument("--name", help="run name (same name + storage path = resume)")
-    setting("--seed", type=int)
-    p.add_argument("--output", required=True, help="URL of the final satloc checkpoint")
-    setting("--threshold-metric", "what the box threshold is chosen for on the val split",
-            choices=THRESHOLD_METRICS)
-    setting("--max-failures", "worker failures Ray Train recovers from (from the last checkpoint)", type=int)
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    p = build_parser()
     args = vars(p.parse_args(argv))
     recipe = args.pop("recipe")
     if recipe is None:
         try:
-            model = resolve_model_name(args.get("model", D["model"].default), args.get("method"))
+            model = resolve_model_name(args.get("model", FIELDS["model"].default), args.get("method"))
         except ValueError as e:
             p.error(f"--model: {e}")
         if is_deit_size(model):
@@ -111,7 +133,10 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
                     "override them) or --recipe demo: the built-in defaults are the CPU demo's "
                     "(lr 1e-3, warm-up and cosine), wrong for fine-tuning DeiT")
     settings = train_recipe(recipe, args) if recipe else args
-    return TrainOptions(**settings, recipe=recipe)
+    try:
+        return TrainOptions.from_settings(**settings, recipe=recipe)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

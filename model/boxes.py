@@ -38,6 +38,16 @@ _GENERIC_KERNEL_MIN = 129  # torch's generic bilinear kernel runs when out heigh
 NORM_EPS = 1e-5  # the official normalisation's (max - min + 1e-5)
 
 
+def check_threshold(value: float, name: str = "threshold") -> float:
+    """``value`` as a float if it is a valid map threshold, else ValueError naming ``name`` (a flag).
+
+    Thresholds are relative to each map's min-max range, so they lie in [0, 1].
+    """
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} is relative to each map's min-max range and must be in [0, 1], got {value}")
+    return float(value)
+
+
 def normalize_on_grid(loc_maps: torch.Tensor) -> torch.Tensor:
     """Per map (B x 1 x h x w, float32) ``(M - min) / (max - min + 1e-5)``, values in [0, 1):
     the official order of float32 operations. A constant map becomes all zeros."""
@@ -88,8 +98,7 @@ def boxes_from_maps(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold is relative to the map's range and must be in [0, 1], got {threshold}")
+    check_threshold(threshold)
     if max_boxes is not None and max_boxes < 1:
         raise ValueError(f"max_boxes must be >= 1 or None, got {max_boxes}")
     _check_maps(loc_maps, image_sizes)

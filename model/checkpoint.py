@@ -11,8 +11,6 @@ import hashlib
 import json
 from typing import Any
 
-import fsspec
-import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -45,30 +43,11 @@ def default_config(model_name: str, num_classes: int, **extra: Any) -> dict[str,
 
 def checkpoint_bytes(model: nn.Module, config: dict[str, Any]) -> bytes:
     """The serialised checkpoint (for object stores: one PUT of finished bytes)."""
-    _validate_config(config, "the config passed to save_checkpoint")
+    _validate_config(config, "the config passed to checkpoint_bytes")
     if config["num_classes"] != model.num_classes:
         raise ValueError(f"config says {config['num_classes']} classes but the model has {model.num_classes}")
-    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     return save_safetensors(state, metadata={CONFIG_KEY: json.dumps(config)})
-
-
-def save_checkpoint(model: nn.Module, url: str, config: dict[str, Any]) -> str:
-    """Write the checkpoint to any fsspec URL atomically; returns its sha256."""
-    from pipeline.data.storage import write_bytes_atomic  # storage lives in pipeline; imported lazily
-
-    data = checkpoint_bytes(model, config)
-    write_bytes_atomic(url, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_checkpoint(url: str, expected_num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint URL. ``config['sha256']`` is the file's fingerprint."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {url} does not exist: check the --checkpoint URL") from None
-    return load_checkpoint_bytes(data, url, expected_num_classes)
 
 
 def load_checkpoint_bytes(
@@ -84,7 +63,7 @@ def load_checkpoint_bytes(
     state = load_safetensors(data)
     model.load_state_dict(state, strict=True)
     model.eval()
-    config["sha256"] = hashlib.sha256(data).hexdigest()
+    config["sha256"] = fingerprint(data)
     return model, config
 
 
@@ -115,7 +94,7 @@ def _validate_config(config: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: {len(names)} class names for {config['num_classes']} classes")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """DDP / torch.compile wrappers hold the real module under ``module`` / ``_orig_mod``."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
@@ -123,7 +102,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def fingerprint(data: bytes) -> str:
+    """The sha256 of a checkpoint's bytes: the model fingerprint next to every row."""
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "default_config", "checkpoint_bytes", "read_config", "torch"]
+__all__ = ["checkpoint_bytes", "default_config", "fingerprint", "load_checkpoint_bytes", "read_config", "unwrap_model"]

@@ -7,7 +7,6 @@ drop_path_rate, ...) or SAT's ``reweight_blocks``.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from model.cam import CAMVisionTransformer
@@ -75,9 +74,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(model: nn.Module) -> str:
-    kind = "SAT" if isinstance(model, SATVisionTransformer) else "CAM"
-    return f"{kind} {model.patch_embed.img_size} grid {model.grid} params {count_parameters(model):,}"
-
-
-__all__ = ["create_model", "model_names", "model_kwargs", "split_name", "count_parameters", "torch"]
+__all__ = ["create_model", "model_names", "model_kwargs", "split_name", "count_parameters"]

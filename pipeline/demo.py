@@ -47,8 +47,9 @@ def make_data(opts: DemoOptions) -> dict[str, str]:
     return specs
 
 
-def train(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
-    from pipeline.train.job import TrainOptions, run_training
+def train_method(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
+    from pipeline.train.job import run_training
+    from pipeline.train.options import TrainOptions
 
     ckpt = os.path.abspath(os.path.join(opts.workdir, "checkpoints", f"{method}.safetensors"))
     if os.path.exists(ckpt):
@@ -58,7 +59,7 @@ def train(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
     if opts.epochs:
         settings["epochs"] = opts.epochs
     say(f"{method}: training {settings['model']} for {settings['epochs']} epochs with {opts.num_workers} Ray Train workers")
-    run_training(TrainOptions(
+    run_training(TrainOptions.from_settings(
         train_shards=specs["train"], val_shards=specs["val"], output=ckpt,
         storage_path=os.path.abspath(os.path.join(opts.workdir, "ray_train")), name=f"demo-{method}",
         num_workers=opts.num_workers, seed=opts.seed, **settings,
@@ -66,11 +67,11 @@ def train(method: str, specs: dict[str, str], opts: DemoOptions) -> str:
     return ckpt
 
 
-def localize(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -> str:
-    from pipeline.localize.run import LocalizeOptions, run_localize
+def localize_method(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -> str:
+    from pipeline.localize.run import LocalizeConfig, run_localize
 
     output = os.path.abspath(os.path.join(opts.workdir, "predictions"))
-    summary = run_localize(LocalizeOptions(
+    summary = run_localize(LocalizeConfig(
         shards=specs["test"], checkpoint=ckpt, output=output, run_id=f"{method}-test", num_actors=2,
         precision="fp32",  # as the documented figures were made (the recipe trains in fp32 too)
     ))
@@ -79,7 +80,7 @@ def localize(method: str, ckpt: str, specs: dict[str, str], opts: DemoOptions) -
     return summary.run_url
 
 
-def evaluate(method: str, run_url: str, specs: dict[str, str], opts: DemoOptions) -> dict:
+def evaluate_method(method: str, run_url: str, specs: dict[str, str], opts: DemoOptions) -> dict:
     from pipeline.evaluation.evaluate import evaluate_run
 
     result = evaluate_run(run_url, gt_shards=specs["test"])
@@ -140,10 +141,10 @@ def run_demo(opts: DemoOptions) -> dict:
     results, seconds, runs = {}, {}, {}
     for method in opts.methods:
         t = time.time()
-        ckpt = train(method, specs, opts)
+        ckpt = train_method(method, specs, opts)
         seconds[method] = time.time() - t
-        runs[method] = localize(method, ckpt, specs, opts)
-        results[method] = evaluate(method, runs[method], specs, opts)
+        runs[method] = localize_method(method, ckpt, specs, opts)
+        results[method] = evaluate_method(method, runs[method], specs, opts)
     say("quality on the test split (threshold chosen on val; MaxBoxAccV2 over the tau grid):\n"
         + quality_table(results, seconds))
     first = opts.methods[0]

@@ -1,9 +1,10 @@
-"""Tiny localize-run directories for tests: Parquet files in the real schema + manifest.
+"""Tiny localize-run directories for tests: Parquet files and manifest through the real writers.
 
 Importable from any test (tests/ is on sys.path through tests/conftest.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -11,9 +12,10 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.results.manifest import Manifest, ShardEntry, write_manifest
+from pipeline.results.parquet import write_shard_table
 from pipeline.results.schema import localize_schema
 
 
@@ -94,35 +96,42 @@ def write_run(
 ) -> str:
     """Write ``root/run_id/<stem>.parquet`` per shard (+ ``_manifest.json``); return the run dir.
 
+    Both go through the localize job's own writers (``pipeline.results``). ``manifest``
+    overrides fields of the ``Manifest`` (e.g. ``model_config``, ``input_frame``).
     ``resize_crop`` (resize, crop): the run was localized with ``--resize-crop`` (recorded in
     the files' metadata and the manifest's ``input_frame``, as the localize job does).
     """
     run_dir = os.path.join(root, run_id)
     os.makedirs(run_dir, exist_ok=True)
     schema = localize_schema(grid[0], grid[1], run_id, resize_crop=resize_crop)
-    rows_total = errors = 0
+    entries = []
     for stem, rows in shards.items():
         columns = {name: [r.get(name) for r in rows] for name in schema.names}
-        table = pa.Table.from_pydict(columns, schema=schema)
-        pq.write_table(table, os.path.join(run_dir, f"{stem}.parquet"))
-        rows_total += len(rows)
-        errors += sum(r["status"] != "ok" for r in rows)
+        out = os.path.join(run_dir, f"{stem}.parquet")
+        size = write_shard_table(out, pa.Table.from_pydict(columns, schema=schema), "test")
+        errors = sum(r["status"] != "ok" for r in rows)
+        entry = ShardEntry(f"data/{stem}.tar", out, "done", rows=len(rows), errors=errors, bytes=size, attempts=1)
+        entries.append(entry)
     if with_manifest:
-        doc = {
-            "run_id": run_id,
-            "shards": [f"data/{stem}.tar" for stem in shards],
-            "rows": rows_total,
-            "errors": errors,
-            "model_sha256": "f" * 64,
-            "config": {},
-            "threshold": threshold,
-        }
-        if resize_crop is not None:
+        if resize_crop is None:
+            frame = {"kind": "resize", "size": grid[0] * 16}
+        else:
             resize, crop = resize_crop
-            doc["input_frame"] = {"kind": "resize_crop", "resize": resize, "crop": crop, "offset": (resize - crop) // 2}
-        doc.update(manifest or {})
-        with open(os.path.join(run_dir, "_manifest.json"), "w") as f:
-            json.dump(doc, f)
+            frame = {"kind": "resize_crop", "resize": resize, "crop": crop, "offset": (resize - crop) // 2}
+        doc = Manifest(
+            run_id=run_id,
+            spec=f"data/{{{','.join(shards)}}}.tar",
+            output=run_dir,
+            model_sha256="f" * 64,
+            checkpoint="test.safetensors",
+            model_config={},
+            input_frame=frame,
+            settings={"threshold": threshold, "model_sha256": "f" * 64, "topk": 5, "box_mode": "largest",
+                      "max_boxes": None, "resize_crop": None, "precision": "fp32", "precision_requested": "auto",
+                      "batch_size": 64, "max_retries": 2, "limit": None},
+            shards=entries,
+        )
+        write_manifest(run_dir, dataclasses.replace(doc, **(manifest or {})))
     return run_dir
 
 

@@ -112,15 +112,18 @@ def stack_uint8(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def normalize(batch: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Bx3xHxW uint8 -> float32 (x/255 - mean) / std, mean and std in 0..1 units."""
+    """Bx3xHxW uint8 -> float32 (x/255 - mean) / std, mean and std in 0..1 units.
+
+    Runs on the batch's device: move the uint8 batch first (4x cheaper than float).
+    """
     if batch.dtype != torch.uint8:
         raise ValueError(f"normalize expects a uint8 batch, got {batch.dtype}")
     if len(mean) != batch.shape[-3] or len(std) != batch.shape[-3]:
         raise ValueError(f"mean/std need {batch.shape[-3]} values, got {len(mean)} and {len(std)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std values must be positive, got {tuple(std)}")
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(-1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(-1, 1, 1) * 255.0
     return (batch.to(torch.float32) - m) / s
 
 

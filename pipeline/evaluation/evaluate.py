@@ -1,10 +1,11 @@
 """Evaluate one localize run (DESIGN §6): its Parquet directory -> a metrics dict.
 
 ``read_run`` loads ``<output>/<run_id>/*.parquet`` (checking that every file belongs to
-one run) and the manifest; ``evaluate_run`` joins ground truth (from the rows, or from
-``--gt-shards``), sweeps the thresholds (``pipeline.metrics``) and returns the JSON the
-job writes. Metric values are percentages; a metric that cannot be computed (no GT
-boxes, no labels, no masks) is None, with a note saying why.
+one run) and the manifest (``pipeline.results.manifest``, exactly what localize wrote);
+``evaluate_run`` joins ground truth (from the rows, or from ``--gt-shards``), sweeps the
+thresholds (``pipeline.evaluation.metrics``) and returns the JSON the job writes. Metric values are
+percentages; a metric that cannot be computed (no GT boxes, no labels, no masks) is None,
+with a note saying why.
 
 Thresholds transfer between runs: the JSON records ``chosen_threshold`` (the tau that
 maximises BoxAcc at IoU 0.5 for the largest component, i.e. GT-known Loc), and
@@ -27,21 +28,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import metrics
-from pipeline.evaluation import sat_protocol
+from model.boxes import check_threshold
+from pipeline.evaluation import metrics
 from pipeline.data.preprocess import ResizeCrop
-from pipeline.results.schema import RUN_ID_KEY, loc_map_shape, resize_crop_of
 from pipeline.data.storage import join_url, read_parquet, url_to_fs
+from pipeline.evaluation import sat_protocol
+from pipeline.results.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.results.run_dir import is_run_dir, parquet_files, shard_stem
+from pipeline.results.schema import RUN_ID_KEY, loc_map_shape, resize_crop_of
 
-MANIFEST_NAME = "_manifest.json"
 EVAL_COLUMNS = (
     "key", "shard", "status", "error", "width", "height", "label", "score", "topk_labels",
     "class_name", "loc_map", "boxes", "fg_ratio", "gt_label", "gt_boxes", "threshold",
 )
 MAX_LISTED_ERRORS = 20
 PROTOCOLS = ("choe", "sat")  # Choe et al.'s sweep (the default) | the official SAT evaluator
+_NOT_A_RUN = "point it at a run directory <output>/<run_id> written by jobs/localize_shards.py"
 
 
 @dataclass
@@ -52,18 +55,14 @@ class Run:
     run_id: str | None
     grid: tuple[int, int]
     table: pa.Table
-    manifest: dict | None
+    manifest: Manifest | None
     notes: list[str] = field(default_factory=list)
     resize_crop: ResizeCrop | None = None  # the maps cover this centre crop (--resize-crop); None: whole image
 
     def class_names(self) -> dict[int, str]:
         """Class id -> name: the manifest's list if it has one, else names seen in rows."""
-        names: dict[int, str] = {}
-        manifest = self.manifest or {}
-        config = manifest.get("config") or manifest.get("model_config") or {}
-        listed = config.get("class_names") or manifest.get("class_names")
-        if isinstance(listed, list):
-            names.update({i: str(n) for i, n in enumerate(listed)})
+        listed = self.manifest.class_names if self.manifest else None
+        names: dict[int, str] = dict(enumerate(listed or []))
         labels = self.table.column("label").to_pylist()
         for label, name in zip(labels, self.table.column("class_name").to_pylist()):
             if label is not None and name is not None:
@@ -73,39 +72,20 @@ class Run:
 
 def read_run(predictions_url: str) -> Run:
     """Load a run directory; ValueError for mixed runs, grids or no Parquet at all."""
-    fs, root = url_to_fs(predictions_url)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise ValueError(
-            f"--predictions {predictions_url}: not a directory; point it at a run directory "
-            "<output>/<run_id> written by jobs/localize_shards.py"
-        )
-    files = sorted(
-        p for p in fs.ls(root, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")
-    )
+    if not is_run_dir(predictions_url):
+        raise ValueError(f"--predictions {predictions_url}: not a directory; {_NOT_A_RUN}")
+    files = parquet_files(predictions_url)
     if not files:
-        raise ValueError(
-            f"--predictions {predictions_url}: no .parquet files; point it at a run directory "
-            "<output>/<run_id> written by jobs/localize_shards.py"
-        )
+        raise ValueError(f"--predictions {predictions_url}: no .parquet files; {_NOT_A_RUN}")
     notes: list[str] = []
-    manifest = None
-    manifest_path = f"{root}/{MANIFEST_NAME}"
-    if fs.exists(manifest_path):
-        with fs.open(manifest_path, "rb") as f:
-            try:
-                manifest = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{join_url(predictions_url, MANIFEST_NAME)} is not valid JSON: {e}") from None
-    else:
+    manifest = read_manifest(predictions_url)
+    if manifest is None:
         notes.append(
             f"no {MANIFEST_NAME} in {predictions_url}: the run may be unfinished or still running; "
             f"evaluated the {len(files)} Parquet files present"
         )
-
     tables, run_ids, grids, frames = [], {}, {}, {}
-    for path in files:
-        name = path.rsplit("/", 1)[-1]
+    for name in files:
         table = read_parquet(join_url(predictions_url, name), columns=list(EVAL_COLUMNS))
         meta = table.schema.metadata or {}
         run_ids.setdefault(meta.get(RUN_ID_KEY, b"").decode() or None, []).append(name)
@@ -115,45 +95,39 @@ def read_run(predictions_url: str) -> Run:
             raise ValueError(f"{name} in {predictions_url}: {e}") from None
         frames.setdefault(resize_crop_of(table.schema), []).append(name)
         tables.append(table.replace_schema_metadata(None))
-    named = {r: f for r, f in run_ids.items() if r is not None}
-    if len(named) > 1:
-        listing = "; ".join(f"run {r!r}: {', '.join(f[:3])}{' ...' if len(f) > 3 else ''}" for r, f in named.items())
-        raise ValueError(
-            f"--predictions {predictions_url} mixes files of {len(named)} runs ({listing}); "
-            "each run writes its own <output>/<run_id> directory: point --predictions at one of them"
-        )
+    run_id = _one_run_id(predictions_url, run_ids, manifest)
     if len(grids) > 1:
         raise ValueError(
             f"--predictions {predictions_url}: files disagree on the loc_map grid "
             f"({', '.join(f'{h}x{w}' for h, w in grids)}); they come from different models"
         )
-    run_id = next(iter(named), None)
     if manifest is not None:
-        manifest_id = manifest.get("run_id")
-        if run_id and manifest_id and manifest_id != run_id:
-            raise ValueError(
-                f"{join_url(predictions_url, MANIFEST_NAME)} is for run {manifest_id!r} but the Parquet "
-                f"files are from run {run_id!r}: the directory mixes runs"
-            )
-        run_id = run_id or manifest_id
         notes += _manifest_notes(manifest, files)
     frame = _run_frame(predictions_url, frames, manifest)
     return Run(predictions_url, run_id, next(iter(grids)), pa.concat_tables(tables), manifest, notes, frame)
 
 
-def _manifest_frame(manifest: dict | None) -> tuple[int, int] | None:
-    """(resize, crop) the manifest records (``input_frame`` or ``settings.resize_crop``), or None."""
-    manifest = manifest or {}
-    frame = manifest.get("input_frame") or {}
-    if frame.get("kind") == "resize_crop":
-        return int(frame["resize"]), int(frame["crop"])
-    setting = (manifest.get("settings") or {}).get("resize_crop")
-    if isinstance(setting, dict):
-        return int(setting["resize"]), int(setting["crop"])
-    return None
+def _one_run_id(url: str, run_ids: dict[str | None, list[str]], manifest: Manifest | None) -> str | None:
+    """The run id the files (and manifest) agree on; ValueError when the directory mixes runs."""
+    named = {r: f for r, f in run_ids.items() if r is not None}
+    if len(named) > 1:
+        listing = "; ".join(f"run {r!r}: {', '.join(f[:3])}{' ...' if len(f) > 3 else ''}" for r, f in named.items())
+        raise ValueError(
+            f"--predictions {url} mixes files of {len(named)} runs ({listing}); "
+            "each run writes its own <output>/<run_id> directory: point --predictions at one of them"
+        )
+    run_id = next(iter(named), None)
+    if manifest is None:
+        return run_id
+    if run_id and manifest.run_id and manifest.run_id != run_id:
+        raise ValueError(
+            f"{join_url(url, MANIFEST_NAME)} is for run {manifest.run_id!r} but the Parquet "
+            f"files are from run {run_id!r}: the directory mixes runs"
+        )
+    return run_id or manifest.run_id
 
 
-def _run_frame(url: str, frames: dict, manifest: dict | None) -> ResizeCrop | None:
+def _run_frame(url: str, frames: dict, manifest: Manifest | None) -> ResizeCrop | None:
     """The one input frame of a run's files (and manifest); ValueError when they disagree."""
     def show(f: tuple[int, int] | None) -> str:
         return "whole image (no --resize-crop)" if f is None else f"--resize-crop {f[0]},{f[1]}"
@@ -162,12 +136,13 @@ def _run_frame(url: str, frames: dict, manifest: dict | None) -> ResizeCrop | No
         listing = "; ".join(f"{show(f)}: {', '.join(n[:3])}" for f, n in frames.items())
         raise ValueError(f"--predictions {url}: files were localized in different input frames ({listing})")
     frame = next(iter(frames))
-    recorded = _manifest_frame(manifest)
-    if manifest is not None and recorded != frame and (recorded is not None or "input_frame" in manifest):
-        raise ValueError(
-            f"{join_url(url, MANIFEST_NAME)} records {show(recorded)} but the Parquet files {show(frame)}: "
-            "the directory mixes runs"
-        )
+    if manifest is not None:
+        recorded = manifest.resize_crop
+        if recorded != frame and (recorded is not None or manifest.input_frame is not None):
+            raise ValueError(
+                f"{join_url(url, MANIFEST_NAME)} records {show(recorded)} but the Parquet files {show(frame)}: "
+                "the directory mixes runs"
+            )
     return ResizeCrop(*frame) if frame else None
 
 
@@ -183,28 +158,15 @@ def loc_maps_of(ok: pa.Table, grid: tuple[int, int]) -> np.ndarray:
     return flat.reshape(ok.num_rows, *grid)
 
 
-def _stem(url: str) -> str:
-    return os.path.splitext(url.rstrip("/").rsplit("/", 1)[-1])[0]
-
-
-def _manifest_notes(manifest: dict, files: list[str]) -> list[str]:
-    """Shards the manifest lists that are not done or have no Parquet file here.
-
-    Entries are shard URLs, or objects with ``shard``/``output``/``status`` (both forms
-    are accepted: the manifest grew fields over time).
-    """
-    present = {_stem(p) for p in files}
+def _manifest_notes(manifest: Manifest, files: list[str]) -> list[str]:
+    """Shards the manifest lists that are not done or have no Parquet file here."""
+    present = {shard_stem(p) for p in files}
     missing, not_done = [], []
-    for entry in manifest.get("shards") or []:
-        if isinstance(entry, dict):
-            if entry.get("status", "done") != "done":
-                not_done.append(f"{entry.get('shard')} ({entry.get('status')})")
-                continue
-            name = _stem(entry.get("output") or entry.get("shard") or "")
-        else:
-            name = _stem(str(entry))
-        if name not in present:
-            missing.append(name)
+    for entry in manifest.shards:
+        if entry.status != "done":
+            not_done.append(f"{entry.shard} ({entry.status})")
+        elif shard_stem(entry.output or entry.shard) not in present:
+            missing.append(shard_stem(entry.output or entry.shard))
     notes = []
     if not_done:
         notes.append(f"{len(not_done)} shards of the run are not done (first: {not_done[0]}): their rows are missing")
@@ -214,10 +176,9 @@ def _manifest_notes(manifest: dict, files: list[str]) -> list[str]:
 
 
 def _run_threshold(run: Run) -> tuple[float, str]:
-    manifest = run.manifest or {}
-    recorded = manifest.get("threshold", (manifest.get("settings") or {}).get("threshold"))
+    recorded = run.manifest.threshold if run.manifest else None
     if recorded is not None:
-        return float(recorded), "manifest"
+        return recorded, "manifest"
     values = {round(float(v), 6) for v in run.table.column("threshold").to_pylist() if v is not None}
     if len(values) == 1:
         return values.pop(), "rows"
@@ -257,9 +218,7 @@ def _resolve_threshold(run: Run, threshold: float | None, threshold_from_url: st
         value, source = threshold_from(threshold_from_url), f"chosen on {threshold_from_url}"
     else:
         value, source = _run_threshold(run)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"threshold {value} is relative to each map's range and must be in [0, 1]")
-    return value, source
+    return check_threshold(value, "--threshold"), source
 
 
 @dataclass
@@ -310,6 +269,95 @@ def _pct(hits: np.ndarray) -> float | None:
     return float(hits.mean() * 100.0) if len(hits) else None
 
 
+@dataclass
+class _Scored:
+    """A run's good rows against their ground truth: what both protocols start from."""
+
+    ok: pa.Table
+    errors: pa.Table
+    truth: _Truth
+    names: dict[int, str]
+    gt_labels: np.ndarray  # -1: no label
+    has_label: np.ndarray
+    top1_hit: np.ndarray
+    top5_hit: np.ndarray
+    loc_idx: np.ndarray  # rows with at least one GT box
+    notes: list[str]
+
+
+def _score(run: Run, gt_shards: str | None) -> _Scored:
+    """Split rows, join ground truth, classification hits; notes on what is missing."""
+    notes = list(run.notes)
+    status = np.array(run.table.column("status").to_pylist(), dtype=object)
+    ok = run.table.filter(pa.array(status == "ok"))
+    errors = run.table.filter(pa.array(status != "ok"))
+    truth = _join_ground_truth(ok, gt_shards, notes)
+    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
+    has_label = gt_labels >= 0
+    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
+    topk = ok.column("topk_labels").to_pylist()
+    if ok.num_rows and not has_label.any():
+        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
+    loc_idx = np.flatnonzero(np.array([bool(b) for b in truth.boxes], dtype=bool))
+    if ok.num_rows and loc_idx.size == 0:
+        notes.append(
+            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
+            "localisation metrics are null"
+        )
+    return _Scored(ok, errors, truth, {**truth.names, **run.class_names()}, gt_labels, has_label,
+                   pred == gt_labels, metrics.topk_hits(gt_labels, topk, 5), loc_idx, notes)
+
+
+def _common_result(
+    run: Run, s: _Scored, protocol: str, threshold: float, source: str, gt_known: np.ndarray, **frame
+) -> dict:
+    """The keys both protocols fill the same way (sweep-only keys start null); ``frame``:
+    ``eval_size`` (and ``input_frame``)."""
+    loc_and_label = s.has_label[s.loc_idx]
+    top_loc = loc_and_label.any()
+    return {
+        "protocol": protocol,
+        "run_id": run.run_id,
+        "predictions": run.url,
+        "num_images": s.ok.num_rows,
+        "num_errors": s.errors.num_rows,
+        "num_cls_images": int(s.has_label.sum()),
+        "num_loc_images": int(s.loc_idx.size),
+        "threshold": threshold,
+        "threshold_source": source,
+        **frame,
+        "top1": _pct(s.top1_hit[s.has_label]),
+        "top5": _pct(s.top5_hit[s.has_label]),
+        "gt_known_loc": _pct(gt_known),
+        "top1_loc": _pct((gt_known & s.top1_hit[s.loc_idx])[loc_and_label]) if top_loc else None,
+        "top5_loc": _pct((gt_known & s.top5_hit[s.loc_idx])[loc_and_label]) if top_loc else None,
+        "maxboxacc": None,
+        "maxboxacc_v2": None,
+        "maxboxacc_v2_by_delta": None,
+        "best_taus": None,
+        "chosen_threshold": None,
+        "pxap": None,
+        "num_pxap_images": 0,
+    }
+
+
+def _finish(result: dict, s: _Scored) -> dict:
+    """The listed error rows and the notes, last."""
+    errors = s.errors
+    result["errors"] = [
+        {"key": k, "shard": sh, "error": e}
+        for k, sh, e in zip(
+            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
+            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
+        )
+    ]
+    if errors.num_rows:
+        s.notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
+    result["notes"] = s.notes
+    return result
+
+
 def evaluate_run(
     predictions_url: str,
     threshold: float | None = None,
@@ -327,85 +375,37 @@ def evaluate_run(
     run = read_run(predictions_url)
     if protocol == "sat":
         return evaluate_sat(run, threshold, threshold_from, gt_shards)
+    return evaluate_choe(run, threshold, threshold_from, gt_shards, workers)
+
+
+def evaluate_choe(
+    run: Run,
+    threshold: float | None = None,
+    threshold_from: str | None = None,
+    gt_shards: str | None = None,
+    workers: int | None = None,
+) -> dict:
+    """Choe et al.'s protocol: GT-known/Top-k Loc at one threshold, the sweep metrics, PxAP."""
     if run.resize_crop is not None:
         f = run.resize_crop
         raise ValueError(
-            f"--predictions {predictions_url} was localized with --resize-crop {f.resize},{f.crop}: its maps "
+            f"--predictions {run.url} was localized with --resize-crop {f.resize},{f.crop}: its maps "
             "cover the centre crop only, not the whole image the default (Choe et al.) protocol evaluates; "
             "evaluate it with --protocol sat, or localize again without --resize-crop"
         )
-    notes = list(run.notes)
     thr, thr_source = _resolve_threshold(run, threshold, threshold_from)
-    table = run.table
-    status = np.array(table.column("status").to_pylist(), dtype=object)
-    ok = table.filter(pa.array(status == "ok"))
-    errors = table.filter(pa.array(status != "ok"))
-    truth = _join_ground_truth(ok, gt_shards, notes)
-    names = {**truth.names, **run.class_names()}
-    n = ok.num_rows
-
-    # Classification: images with a true label.
-    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
-    has_label = gt_labels >= 0
-    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
-    topk = ok.column("topk_labels").to_pylist()
-    top1_hit = pred == gt_labels
-    top5_hit = metrics.topk_hits(gt_labels, topk, 5)
-    if n and not has_label.any():
-        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
-    if any(t is not None and len(t) < 5 for t, h in zip(topk, has_label) if h):
-        notes.append("rows carry fewer than 5 top-k labels: top5 counts the labels present")
-
-    # Localisation: images with at least one GT box.
-    has_box = np.array([bool(b) for b in truth.boxes], dtype=bool)
-    loc_idx = np.flatnonzero(has_box)
-    if n and loc_idx.size == 0:
-        notes.append(
-            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
-            "localisation metrics are null"
-        )
-    loc_maps = loc_maps_of(ok, run.grid)
-    widths = np.array(ok.column("width").to_pylist(), dtype=np.float64)
-    heights = np.array(ok.column("height").to_pylist(), dtype=np.float64)
+    s = _score(run, gt_shards)
+    if any(t is not None and len(t) < 5 for t, h in zip(s.ok.column("topk_labels").to_pylist(), s.has_label) if h):
+        s.notes.append("rows carry fewer than 5 top-k labels: top5 counts the labels present")
+    loc_maps = loc_maps_of(s.ok, run.grid)
     taus = np.union1d(metrics.TAUS, [thr])
-    thr_k = metrics.tau_index(taus, thr)
     grid_k = np.array([metrics.tau_index(taus, t) for t in metrics.TAUS])
-    gt_eval = metrics.wsol_gt_boxes([truth.boxes[i] for i in loc_idx], widths[loc_idx], heights[loc_idx])
-    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    sweep = metrics.sweep_loc_maps(loc_maps[loc_idx], gt_eval, taus, workers=workers if loc_idx.size > 512 else 1)
-    fixed_iou = sweep.largest_iou[:, thr_k]
+    sweep = _box_sweep(s, loc_maps, taus, workers)
+    gt_known = sweep.largest_iou[:, metrics.tau_index(taus, thr)] >= 0.5
     grid_sweep = metrics.BoxSweep(metrics.TAUS, sweep.largest_iou[:, grid_k], sweep.best_iou[:, grid_k])
-    gt_known = fixed_iou >= 0.5
 
-    result: dict = {
-        "protocol": "choe",
-        "run_id": run.run_id,
-        "predictions": predictions_url,
-        "num_images": n,
-        "num_errors": errors.num_rows,
-        "num_cls_images": int(has_label.sum()),
-        "num_loc_images": int(loc_idx.size),
-        "threshold": thr,
-        "threshold_source": thr_source,
-        "eval_size": list(metrics.EVAL_SIZE),
-        "top1": _pct(top1_hit[has_label]),
-        "top5": _pct(top5_hit[has_label]),
-        "gt_known_loc": _pct(gt_known),
-        "top1_loc": None,
-        "top5_loc": None,
-        "maxboxacc": None,
-        "maxboxacc_v2": None,
-        "maxboxacc_v2_by_delta": None,
-        "best_taus": None,
-        "chosen_threshold": None,
-        "pxap": None,
-        "num_pxap_images": 0,
-    }
-    loc_and_label = has_label[loc_idx]
-    if loc_and_label.any():
-        result["top1_loc"] = _pct((gt_known & top1_hit[loc_idx])[loc_and_label])
-        result["top5_loc"] = _pct((gt_known & top5_hit[loc_idx])[loc_and_label])
-    if loc_idx.size:
+    result = _common_result(run, s, "choe", thr, thr_source, gt_known, eval_size=list(metrics.EVAL_SIZE))
+    if s.loc_idx.size:
         value, tau = metrics.max_box_acc(grid_sweep)
         v2, by_delta = metrics.max_box_acc_v2(grid_sweep)
         result["maxboxacc"] = value
@@ -413,36 +413,39 @@ def evaluate_run(
         result["maxboxacc_v2_by_delta"] = {f"{d:.1f}": v for d, (v, _) in by_delta.items()}
         result["best_taus"] = {"maxboxacc": tau, **{f"{d:.1f}": t for d, (_, t) in by_delta.items()}}
         result["chosen_threshold"] = tau
-
-    mask_idx = [i for i, m in enumerate(truth.masks) if m is not None]
-    if mask_idx:
-        acc = metrics.PxapAccumulator()
-        for start in range(0, len(mask_idx), 64):
-            part = mask_idx[start : start + 64]
-            scores = metrics.wsol_score_maps(loc_maps[part])
-            size = metrics.EVAL_SIZE[0] * metrics.EVAL_SIZE[1]
-            masks = [np.unpackbits(truth.masks[i], count=size).astype(bool) for i in part]
-            acc.add(scores, np.stack(masks).reshape(scores.shape))
-        result["pxap"] = acc.value()
-        result["num_pxap_images"] = len(mask_idx)
-    elif n:
-        notes.append("no foreground masks (.mask.png via --gt-shards): pxap is null")
-
+    _add_pxap(result, s, loc_maps)
     result["per_class"] = _per_class(
-        gt_labels, has_label, top1_hit, top5_hit, loc_idx, gt_known, grid_sweep, result["best_taus"], names
+        s.gt_labels, s.has_label, s.top1_hit, s.top5_hit, s.loc_idx, gt_known, grid_sweep, result["best_taus"], s.names
     )
-    result["errors"] = [
-        {"key": k, "shard": s, "error": e}
-        for k, s, e in zip(
-            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
-            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
-            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
-        )
-    ]
-    if errors.num_rows:
-        notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
-    result["notes"] = notes
-    return result
+    return _finish(result, s)
+
+
+def _box_sweep(s: _Scored, loc_maps: np.ndarray, taus: np.ndarray, workers: int | None) -> metrics.BoxSweep:
+    """IoUs of the boxed images at every tau (in parallel for large runs)."""
+    widths = np.array(s.ok.column("width").to_pylist(), dtype=np.float64)
+    heights = np.array(s.ok.column("height").to_pylist(), dtype=np.float64)
+    idx = s.loc_idx
+    gt_eval = metrics.wsol_gt_boxes([s.truth.boxes[i] for i in idx], widths[idx], heights[idx])
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    return metrics.sweep_loc_maps(loc_maps[idx], gt_eval, taus, workers=workers if idx.size > 512 else 1)
+
+
+def _add_pxap(result: dict, s: _Scored, loc_maps: np.ndarray) -> None:
+    """PxAP over the images with a foreground mask, in chunks of 64."""
+    mask_idx = [i for i, m in enumerate(s.truth.masks) if m is not None]
+    if not mask_idx:
+        if s.ok.num_rows:
+            s.notes.append("no foreground masks (.mask.png via --gt-shards): pxap is null")
+        return
+    acc = metrics.PxapAccumulator()
+    size = metrics.EVAL_SIZE[0] * metrics.EVAL_SIZE[1]
+    for start in range(0, len(mask_idx), 64):
+        part = mask_idx[start : start + 64]
+        scores = metrics.wsol_score_maps(loc_maps[part])
+        masks = [np.unpackbits(s.truth.masks[i], count=size).astype(bool) for i in part]
+        acc.add(scores, np.stack(masks).reshape(scores.shape))
+    result["pxap"] = acc.value()
+    result["num_pxap_images"] = len(mask_idx)
 
 
 def evaluate_sat(
@@ -464,88 +467,35 @@ def evaluate_sat(
             "--protocol sat uses one fixed threshold: pass --threshold (default 0.4 as on CUB; "
             "0.3 for ImageNet), not --threshold-from"
         )
-    thr = sat_protocol.CUB_THRESHOLD if threshold is None else float(threshold)
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"--threshold {thr} is relative to each map's range and must be in [0, 1]")
-    notes = list(run.notes)
+    thr = check_threshold(sat_protocol.CUB_THRESHOLD if threshold is None else threshold, "--threshold")
+    s = _score(run, gt_shards)
     if frame != sat_protocol.OFFICIAL_FRAME:
-        notes.append(f"the run's frame is --resize-crop {frame.resize},{frame.crop}, not the official 256,224")
-    status = np.array(run.table.column("status").to_pylist(), dtype=object)
-    ok = run.table.filter(pa.array(status == "ok"))
-    errors = run.table.filter(pa.array(status != "ok"))
-    truth = _join_ground_truth(ok, gt_shards, notes)
-    names = {**truth.names, **run.class_names()}
-    n = ok.num_rows
-
-    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
-    has_label = gt_labels >= 0
-    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
-    top1_hit = pred == gt_labels
-    top5_hit = metrics.topk_hits(gt_labels, ok.column("topk_labels").to_pylist(), 5)
-    if n and not has_label.any():
-        notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")
-
-    loc_idx = np.flatnonzero(np.array([bool(b) for b in truth.boxes], dtype=bool))
-    if n and loc_idx.size == 0:
-        notes.append(
-            "no ground-truth boxes (gt_boxes in the rows, or .json boxes via --gt-shards): "
-            "localisation metrics are null"
-        )
-    widths = ok.column("width").to_pylist()
-    heights = ok.column("height").to_pylist()
+        note = f"the run's frame is --resize-crop {frame.resize},{frame.crop}, not the official 256,224"
+        s.notes.insert(len(run.notes), note)
+    widths = s.ok.column("width").to_pylist()
+    heights = s.ok.column("height").to_pylist()
+    idx = s.loc_idx
     _, ious = sat_protocol.best_ious(
-        loc_maps_of(ok, run.grid)[loc_idx],
-        [truth.boxes[i] for i in loc_idx],
-        [widths[i] for i in loc_idx],
-        [heights[i] for i in loc_idx],
+        loc_maps_of(s.ok, run.grid)[idx],
+        [s.truth.boxes[i] for i in idx],
+        [widths[i] for i in idx],
+        [heights[i] for i in idx],
         thr,
         frame,
     )
     gt_known = ious >= sat_protocol.GT_KNOWN_IOU
-    loc_and_label = has_label[loc_idx]
-    notes.append(
+    s.notes.append(
         "SAT protocol: boxes from the stored 8-bit loc_map (the official code thresholds the float map; "
         "a pixel within about 1/510 of the map's range from the threshold can differ), classification "
         "from the centre crop (the paper's CUB figures classify by ten-crop)"
     )
-    result: dict = {
-        "protocol": "sat",
-        "run_id": run.run_id,
-        "predictions": run.url,
-        "num_images": n,
-        "num_errors": errors.num_rows,
-        "num_cls_images": int(has_label.sum()),
-        "num_loc_images": int(loc_idx.size),
-        "threshold": thr,
-        "threshold_source": "given" if threshold is not None else "SAT protocol default (CUB)",
-        "eval_size": [frame.crop, frame.crop],
-        "input_frame": {"resize": frame.resize, "crop": frame.crop},
-        "top1": _pct(top1_hit[has_label]),
-        "top5": _pct(top5_hit[has_label]),
-        "gt_known_loc": _pct(gt_known),
-        "top1_loc": _pct((gt_known & top1_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
-        "top5_loc": _pct((gt_known & top5_hit[loc_idx])[loc_and_label]) if loc_and_label.any() else None,
-        "maxboxacc": None,
-        "maxboxacc_v2": None,
-        "maxboxacc_v2_by_delta": None,
-        "best_taus": None,
-        "chosen_threshold": None,
-        "pxap": None,
-        "num_pxap_images": 0,
-    }
-    result["per_class"] = _per_class(gt_labels, has_label, top1_hit, top5_hit, loc_idx, gt_known, None, None, names)
-    result["errors"] = [
-        {"key": k, "shard": s, "error": e}
-        for k, s, e in zip(
-            errors.column("key").to_pylist()[:MAX_LISTED_ERRORS],
-            errors.column("shard").to_pylist()[:MAX_LISTED_ERRORS],
-            errors.column("error").to_pylist()[:MAX_LISTED_ERRORS],
-        )
-    ]
-    if errors.num_rows:
-        notes.append(f"{errors.num_rows} error rows (status='error') were counted, not evaluated")
-    result["notes"] = notes
-    return result
+    source = "given" if threshold is not None else "SAT protocol default (CUB)"
+    result = _common_result(run, s, "sat", thr, source, gt_known, eval_size=[frame.crop, frame.crop],
+                            input_frame={"resize": frame.resize, "crop": frame.crop})
+    result["per_class"] = _per_class(
+        s.gt_labels, s.has_label, s.top1_hit, s.top5_hit, idx, gt_known, None, None, s.names
+    )
+    return _finish(result, s)
 
 
 def _per_class(

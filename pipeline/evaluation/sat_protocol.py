@@ -18,7 +18,7 @@ Everything happens in the official test frame, the ``crop`` x ``crop`` centre cr
   is IoU >= 0.5 with the best-matching GT box, Top-1/Top-5 Loc add the true class in the
   top-1/top-5.
 
-The protocol's figures are what the SAT paper reports; ``pipeline.metrics`` (Choe et al.)
+The protocol's figures are what the SAT paper reports; ``pipeline.evaluation.metrics`` (Choe et al.)
 stays the default, because its thresholds are chosen on a validation split.
 """
 from __future__ import annotations

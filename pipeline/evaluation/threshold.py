@@ -1,6 +1,6 @@
 """Choosing the box threshold on a labelled validation split (DESIGN §5, §6).
 
-The sweep itself is ``pipeline.metrics.sweep_boxes`` (maps upsampled to the model input
+The sweep itself is ``pipeline.evaluation.metrics.sweep_boxes`` (maps upsampled to the model input
 size and min-max normalised, GT boxes scaled to it, every tau at once). This module turns
 its per-image IoUs into *counts summed over images*, so batches and Ray Train ranks add
 them up (one all-reduce) before a threshold is chosen:
@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.metrics import IOU_DELTAS, gt_boxes_to_eval, score_maps, sweep_boxes
+from pipeline.evaluation.metrics import IOU_DELTAS, gt_boxes_to_eval, score_maps, sweep_boxes
 
 GT_KNOWN_IOU = 0.5
 THRESHOLD_METRICS = ("gt_known", "maxboxacc_v2")

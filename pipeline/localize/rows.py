@@ -30,14 +30,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.boxes import MODES, boxes_from_normalized, foreground_ratio, normalized_upsampled_maps
+from model.boxes import boxes_from_normalized, foreground_ratio, normalized_upsampled_maps
 from pipeline.data.preprocess import ResizeCrop
 from pipeline.data.reader import Sample
 
 
 @dataclass(frozen=True)
 class RowSettings:
-    """What turns model outputs into rows; recorded in the manifest."""
+    """What turns model outputs into rows; recorded in the manifest.
+
+    Built by ``pipeline.localize.run.row_settings`` from a checked ``LocalizeConfig``.
+    """
 
     threshold: float
     model_sha256: str
@@ -46,20 +49,6 @@ class RowSettings:
     max_boxes: int | None = None
     class_names: tuple[str, ...] | None = None
     resize_crop: ResizeCrop | None = None  # None: the map covers the whole image
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(
-                f"--threshold is relative to each map's min-max range and must be in [0, 1], got {self.threshold}"
-            )
-        if self.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {self.topk}")
-        if self.box_mode not in MODES:
-            raise ValueError(f"--box-mode must be one of {', '.join(MODES)}, got {self.box_mode!r}")
-        if self.max_boxes is not None and self.max_boxes < 1:
-            raise ValueError(f"--max-boxes must be >= 1, got {self.max_boxes}")
-        if self.resize_crop is not None and not isinstance(self.resize_crop, ResizeCrop):
-            raise ValueError(f"resize_crop must be a ResizeCrop or None, got {type(self.resize_crop).__name__}")
 
 
 def crop_region_size(window: tuple[float, float, float, float]) -> tuple[int, int]:
@@ -174,8 +163,3 @@ def _array(values: list, type_: pa.DataType) -> pa.Array:
         mask = pa.array(~valid) if not valid.all() else None
         return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.uint8()), size, mask=mask)
     return pa.array(values, type=type_)
-
-
-def empty_rows(schema: pa.Schema) -> pa.Table:
-    """A zero-row Table in ``schema`` (an empty shard still gets its file)."""
-    return schema.empty_table()

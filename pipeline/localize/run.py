@@ -1,108 +1,62 @@
-"""The localize job, end to end: validate, plan, run actors over shards, write the manifest.
+"""The localize job's driver, end to end: check, plan, run actors over shards, write the manifest.
 
-``run_localize(LocalizeOptions(...)) -> RunSummary`` is what ``jobs/localize_shards.py``
-calls. Everything that can be wrong with the inputs (no shard matches, an unreadable
-checkpoint, an unwritable output, wrong credentials, a cluster too small for the actors
-asked for) raises ``BadInputError`` before any shard is touched; the message names the
-URL or flag and never a secret.
+``run_localize(LocalizeConfig(...)) -> RunSummary`` is what ``jobs/localize_shards.py``
+calls; it only wires the stages together:
 
-Output layout (DESIGN §3): ``<output>/<run_id>/<shard-stem>.parquet`` per shard and
-``<output>/<run_id>/_manifest.json`` at the end. An existing output file means that
-shard is done, so a rerun with the same run id only does what is missing, including
-shards that appeared under the spec since; ``overwrite`` redoes everything.
+    spec -> shard URLs      ``find_shards`` (``pipeline.data.shards.expand_shards``)
+    URLs -> plan            ``plan_run`` (an existing output file means the shard is done)
+    plan -> Parquet files   ``_run_actors``: ``ShardScheduler`` hands whole shards to
+                            ``LocalizeActor``s, each a ``ShardLocalizer`` (``pipeline.localize.worker``)
+    outcome -> manifest     ``build_manifest`` (``pipeline.results.manifest``)
+
+Everything that can be wrong with the inputs (a flag out of range, no shard matches, an
+unreadable checkpoint, an unwritable output, wrong credentials, a cluster too small for
+the actors asked for) raises ``BadInputError`` before any shard is touched; the message
+names the URL or flag and never a secret. Flags are checked once, by ``LocalizeConfig``.
+
+Output layout (DESIGN §3, ``pipeline.results.run_dir``): ``<output>/<run_id>/<shard-stem>.parquet``
+per shard and ``<output>/<run_id>/_manifest.json`` at the end. A rerun with the same run
+id only does what is missing, including shards that appeared under the spec since;
+``overwrite`` redoes everything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from model.checkpoint import read_config
-from model.precision import PRECISION_CHOICES, resolve_precision
-from pipeline.local_ray import ensure_ray
-from pipeline.localize.rows import RowSettings
-from pipeline.localize.worker import WorkerSettings, grid_shape, input_size, output_counts
-from pipeline.data.preprocess import ResizeCrop, parse_resize_crop
-from pipeline.localize.messages import ShardJob
-from pipeline.localize.scheduler import ProgressLine, ScheduleOutcome, ShardScheduler
+from model.checkpoint import default_config, fingerprint, read_config
+from model.precision import resolve_precision
+from pipeline.data.preprocess import ResizeCrop
 from pipeline.data.shards import expand_shards
 from pipeline.data.storage import (
     StorageError,
     check_readable,
+    check_writable,
     join_url,
     protocol_of,
     read_bytes,
     storage_env,
-    url_to_fs,
-    write_bytes_atomic,
 )
+from pipeline.local_ray import ensure_ray
+from pipeline.localize.config import BadInputError, LocalizeConfig, resolve_threshold
+from pipeline.localize.messages import ShardJob
+from pipeline.localize.rows import RowSettings
+from pipeline.localize.scheduler import ProgressLine, ScheduleOutcome, ShardScheduler
+from pipeline.localize.worker import WorkerSettings, grid_shape, model_input_size
+from pipeline.results.manifest import Manifest, ManifestError, ShardEntry, read_manifest, write_manifest
+from pipeline.results.parquet import output_counts
+from pipeline.results.run_dir import file_names, output_url, shard_stem
 
-MANIFEST_NAME = "_manifest.json"
+__all__ = ["BadInputError", "LocalizeConfig", "RunSummary", "run_localize"]
 
-
-class BadInputError(ValueError):
-    """The inputs are wrong (exit code 2); nothing was written."""
-
-
-@dataclass
-class LocalizeOptions:
-    shards: str
-    checkpoint: str
-    output: str
-    run_id: str | None = None
-    num_actors: int | None = None  # default: one per GPU group, else one per cpus_per_actor CPUs
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float | None = None  # default: 1 on CPU; the cluster's CPUs per GPU actor on GPU
-    batch_size: int = 64
-    precision: str = "auto"  # bf16 on GPU actors and native-bf16 CPUs, else fp32 (model.precision)
-    threshold: float | None = None  # default: the checkpoint's
-    topk: int = 5
-    box_mode: str = "largest"
-    max_boxes: int | None = None
-    resize_crop: str | tuple[int, int] | None = None  # "256,224": the official SAT test frame
-    max_retries: int = 2
-    limit: int | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    progress_seconds: float = 5.0
-
-    def validate(self) -> None:
-        def at_least(flag: str, value, low, strict: bool = False) -> None:
-            if value is not None and (value <= low if strict else value < low):
-                raise BadInputError(f"{flag} must be {'>' if strict else '>='} {low}, got {value}")
-
-        at_least("--batch-size", self.batch_size, 1)
-        at_least("--topk", self.topk, 1)
-        at_least("--max-retries", self.max_retries, 0)
-        at_least("--limit", self.limit, 1)
-        at_least("--num-actors", self.num_actors, 1)
-        at_least("--gpus-per-actor", self.gpus_per_actor, 0)
-        at_least("--cpus-per-actor", self.cpus_per_actor, 0, strict=True)
-        at_least("--max-boxes", self.max_boxes, 1)
-        try:
-            self.crop_frame()
-        except (TypeError, ValueError) as e:
-            raise BadInputError(str(e) if "--resize-crop" in str(e) else f"--resize-crop: {e}") from None
-        if self.precision not in PRECISION_CHOICES:
-            raise BadInputError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise BadInputError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id.startswith(".")):
-            raise BadInputError(f"--run-id {self.run_id!r} must be a non-empty name without '/', not starting with '.'")
-
-    def crop_frame(self) -> ResizeCrop | None:
-        """``--resize-crop`` as a ResizeCrop; None: the whole image (the default frame)."""
-        if self.resize_crop is None or isinstance(self.resize_crop, ResizeCrop):
-            return self.resize_crop
-        if isinstance(self.resize_crop, (tuple, list)):
-            return ResizeCrop(*(int(v) for v in self.resize_crop))
-        return parse_resize_crop(self.resize_crop)
+Say = Callable[[str], None]
 
 
 @dataclass
@@ -137,6 +91,8 @@ class RunPlan:
 
 @dataclass
 class RunSummary:
+    """What ``run_localize`` returns (the job's exit code and the numbers it prints)."""
+
     run_id: str
     run_url: str
     manifest_url: str | None
@@ -159,11 +115,20 @@ class RunSummary:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    def record(self, outcome: ScheduleOutcome) -> None:
+        self.shards_processed = sum(1 for r in outcome.results if not r.skipped)
+        self.images = outcome.images
+        self.errors = outcome.errors
+        self.seconds = outcome.seconds
+        self.failed_shards = outcome.failed
+        self.actors = [asdict(a) | {"images_per_second": a.images_per_second} for a in outcome.actors]
 
-# --- validation, before any work ---------------------------------------------------------
+
+# --- checks, before any work --------------------------------------------------------------
 
 
 def find_shards(spec: str, limit: int | None) -> list[str]:
+    """spec -> shard URLs."""
     try:
         urls = expand_shards(spec)
     except ValueError as e:
@@ -192,13 +157,11 @@ def read_checkpoint(url: str) -> tuple[bytes, dict[str, Any]]:
         grid_shape(config)
     except ValueError as e:
         raise BadInputError(str(e)) from None
-    config["sha256"] = hashlib.sha256(data).hexdigest()
+    config["sha256"] = fingerprint(data)
     return data, config
 
 
 def check_output(url: str) -> None:
-    from pipeline.data.storage import check_writable
-
     try:
         check_writable(url)
     except StorageError as e:
@@ -207,18 +170,46 @@ def check_output(url: str) -> None:
         raise BadInputError(f"--output: cannot write {url}: {type(e).__name__}: {e}") from None
 
 
-def shard_stem(url: str) -> str:
-    name = posixpath.basename(url.rstrip("/"))
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def check_frame(config: LocalizeConfig, model_config: dict[str, Any]) -> None:
+    frame, size = config.resize_crop, model_input_size(model_config)
+    if frame is not None and frame.crop != size:
+        raise BadInputError(
+            f"--resize-crop {frame.resize},{frame.crop}: the crop must equal the input size of "
+            f"{config.checkpoint} ({size}); the official SAT frame of a 224 model is 256,224"
+        )
+
+
+def row_settings(config: LocalizeConfig, model_config: dict[str, Any]) -> RowSettings:
+    """The row settings of a run: the flags, else the checkpoint's threshold and class names."""
+    if config.threshold is not None:
+        threshold = config.threshold
+    else:
+        fallback = default_config(model_config["model"], model_config["num_classes"])["threshold"]
+        threshold = resolve_threshold(model_config.get("threshold", fallback), f"the threshold of {config.checkpoint}")
+    names = model_config.get("class_names")
+    return RowSettings(
+        threshold=threshold,
+        model_sha256=model_config["sha256"],
+        topk=config.topk,
+        box_mode=config.box_mode,
+        max_boxes=config.max_boxes,
+        class_names=tuple(names) if names else None,
+        resize_crop=config.resize_crop,
+    )
 
 
 def default_run_id(spec: str, model_sha256: str, settings: dict[str, Any]) -> str:
     """Stable: the same spec, model and row settings give the same id (so a rerun resumes)."""
     digest = hashlib.sha256(json.dumps([spec.strip(), model_sha256, settings], sort_keys=True).encode())
     return f"loc-{model_sha256[:8]}-{digest.hexdigest()[:8]}"
+
+
+def run_id_settings(rows: RowSettings, precision: str) -> dict[str, Any]:
+    """What the default run id hashes besides spec and model."""
+    record = {**asdict(rows), "class_names": None, "precision": precision}
+    if rows.resize_crop is None:  # the ids of runs made before --resize-crop existed stay the same
+        record.pop("resize_crop")
+    return record
 
 
 def plan_run(shard_urls: list[str], output: str, run_id: str, overwrite: bool) -> RunPlan:
@@ -232,14 +223,9 @@ def plan_run(shard_urls: list[str], output: str, run_id: str, overwrite: bool) -
                 "give a spec whose shard file names are unique"
             )
         by_stem[stem] = url
-    fs, run_path = url_to_fs(run_url)
-    try:
-        existing = {posixpath.basename(p.rstrip("/")) for p in fs.ls(run_path, detail=False)}
-    except (FileNotFoundError, NotADirectoryError):
-        existing = set()
+    existing = file_names(run_url)
     shards = [
-        ShardPlan(url, join_url(run_url, f"{stem}.parquet"), f"{stem}.parquet" in existing)
-        for stem, url in by_stem.items()
+        ShardPlan(url, output_url(run_url, url), f"{stem}.parquet" in existing) for stem, url in by_stem.items()
     ]
     return RunPlan(run_id, run_url, shards, overwrite)
 
@@ -254,11 +240,11 @@ class ActorResources:
     gpus: float
 
 
-def actor_resources(options: LocalizeOptions, cluster: dict[str, float], shards_todo: int) -> ActorResources:
+def actor_resources(config: LocalizeConfig, cluster: dict[str, float], shards_todo: int) -> ActorResources:
     total_cpus = float(cluster.get("CPU", 0))
     total_gpus = float(cluster.get("GPU", 0))
-    gpus = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if total_gpus > 0 else 0.0)
-    if options.precision == "fp16" and gpus == 0:
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if total_gpus > 0 else 0.0)
+    if config.precision == "fp16" and gpus == 0:
         raise BadInputError(
             "--precision fp16 needs GPUs (this run has --gpus-per-actor 0 or a cluster without GPUs): "
             "use --precision bf16 or fp32 on CPU"
@@ -266,11 +252,11 @@ def actor_resources(options: LocalizeOptions, cluster: dict[str, float], shards_
     if gpus > 0:
         if total_gpus < gpus:
             raise BadInputError(f"--gpus-per-actor {gpus:g} but the cluster has {total_gpus:g} GPUs")
-        actors = options.num_actors or max(1, int(total_gpus // gpus))
-        cpus = options.cpus_per_actor or max(1.0, float(int(total_cpus // actors)))
+        actors = config.num_actors or max(1, int(total_gpus // gpus))
+        cpus = config.cpus_per_actor or max(1.0, float(int(total_cpus // actors)))
     else:
-        cpus = options.cpus_per_actor or 1.0
-        actors = options.num_actors or max(1, int(total_cpus // cpus))
+        cpus = config.cpus_per_actor or 1.0
+        actors = config.num_actors or max(1, int(total_cpus // cpus))
     actors = max(1, min(actors, shards_todo))
     need_cpus, need_gpus = actors * cpus, actors * gpus
     if need_cpus > total_cpus + 1e-9 or need_gpus > total_gpus + 1e-9:
@@ -285,42 +271,19 @@ def actor_resources(options: LocalizeOptions, cluster: dict[str, float], shards_
 # --- the run -------------------------------------------------------------------------------
 
 
-def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> RunSummary:
-    def say(text: str) -> None:
-        if out is not None:
-            print(f"[localize] {text}", file=out, flush=True)
-
-    options.validate()
+def run_localize(config: LocalizeConfig, out: TextIO | None = sys.stdout) -> RunSummary:
+    say = _sayer(out)
     started = time.time()
-    shard_urls = find_shards(options.shards, options.limit)
-    checkpoint, config = read_checkpoint(options.checkpoint)
-    frame = options.crop_frame()
-    if frame is not None and frame.crop != input_size(config):
-        raise BadInputError(
-            f"--resize-crop {frame.resize},{frame.crop}: the crop must equal the input size of "
-            f"{options.checkpoint} ({input_size(config)}); the official SAT frame of a 224 model is 256,224"
-        )
-    check_output(options.output)
-    try:
-        row_settings = RowSettings(
-            threshold=float(options.threshold if options.threshold is not None else config.get("threshold", 0.4)),
-            model_sha256=config["sha256"],
-            topk=options.topk,
-            box_mode=options.box_mode,
-            max_boxes=options.max_boxes,
-            class_names=tuple(config["class_names"]) if config.get("class_names") else None,
-            resize_crop=frame,
-        )
-    except ValueError as e:
-        raise BadInputError(str(e)) from None
-    settings_record = {**asdict(row_settings), "class_names": None, "precision": options.precision}
-    if frame is None:  # the ids of runs made before --resize-crop existed stay the same
-        settings_record.pop("resize_crop")
-    run_id = options.run_id or default_run_id(options.shards, config["sha256"], settings_record)
-    plan = plan_run(shard_urls, options.output, run_id, options.overwrite)
+    shard_urls = find_shards(config.shards, config.limit)
+    checkpoint, model_config = read_checkpoint(config.checkpoint)
+    check_frame(config, model_config)
+    check_output(config.output)
+    rows = row_settings(config, model_config)
+    run_id = config.run_id or default_run_id(config.shards, rows.model_sha256, run_id_settings(rows, config.precision))
+    plan = plan_run(shard_urls, config.output, run_id, config.overwrite)
     say(plan.describe())
-    if frame is not None:
-        say(f"input frame: {frame.describe()} (the official SAT test frame); boxes in original pixels")
+    if rows.resize_crop is not None:
+        say(f"input frame: {rows.resize_crop.describe()} (the official SAT test frame); boxes in original pixels")
     summary = RunSummary(
         run_id=run_id,
         run_url=plan.run_url,
@@ -328,40 +291,49 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
         shards_total=len(plan.shards),
         shards_done_before=plan.done,
         shards_todo=len(plan.todo),
-        dry_run=options.dry_run,
+        dry_run=config.dry_run,
     )
-    if options.dry_run:
-        for s in plan.todo[:20]:
-            say(f"to do: {s.shard_url} -> {s.out_url}")
-        if len(plan.todo) > 20:
-            say(f"... and {len(plan.todo) - 20} more")
+    if config.dry_run:
+        _say_todo(plan, say)
         return summary
 
-    outcome = ScheduleOutcome()
     resources = None
     if plan.todo:
         ensure_ray()
         import ray
 
-        resources = actor_resources(options, ray.cluster_resources(), len(plan.todo))
+        resources = actor_resources(config, ray.cluster_resources(), len(plan.todo))
     # "auto" is resolved here, once, for the actors' device (bf16 on GPUs; on CPU actors,
     # by this machine's CPU: pass --precision on a cluster of other CPUs).
-    requested = options.precision
-    gpus = resources.gpus if resources else (options.gpus_per_actor or 0)
-    options = replace(options, precision=resolve_precision(requested, "cuda" if gpus > 0 else "cpu"))
+    gpus = resources.gpus if resources else (config.gpus_per_actor or 0)
+    precision = resolve_precision(config.precision, "cuda" if gpus > 0 else "cpu")
+    outcome = ScheduleOutcome()
     if plan.todo:
-        outcome = _run_actors(options, plan, checkpoint, row_settings, resources, say, out)
+        outcome = _run_actors(config, precision, plan, checkpoint, rows, resources, say, out)
 
-    summary.shards_processed = sum(1 for r in outcome.results if not r.skipped)
-    summary.images = outcome.images
-    summary.errors = outcome.errors
-    summary.seconds = outcome.seconds
-    summary.failed_shards = outcome.failed
-    summary.actors = [asdict(a) | {"images_per_second": a.images_per_second} for a in outcome.actors]
-    manifest = build_manifest(options, plan, config, row_settings, outcome, resources, started, requested)
-    summary.manifest_url = join_url(plan.run_url, MANIFEST_NAME)
-    write_bytes_atomic(summary.manifest_url, json.dumps(manifest, indent=1).encode())
+    summary.record(outcome)
+    run = RunRecord(config, precision, plan, model_config, rows, resources, started)
+    summary.manifest_url = write_manifest(plan.run_url, build_manifest(run, outcome))
+    _say_summary(summary, outcome, say)
+    return summary
 
+
+def _sayer(out: TextIO | None) -> Say:
+    def say(text: str) -> None:
+        if out is not None:
+            print(f"[localize] {text}", file=out, flush=True)
+
+    return say
+
+
+def _say_todo(plan: RunPlan, say: Say) -> None:
+    for s in plan.todo[:20]:
+        say(f"to do: {s.shard_url} -> {s.out_url}")
+    if len(plan.todo) > 20:
+        say(f"... and {len(plan.todo) - 20} more")
+
+
+def _say_summary(summary: RunSummary, outcome: ScheduleOutcome, say: Say) -> None:
     say(
         f"done: {summary.shards_processed} shards processed, {len(outcome.failed)} failed, "
         f"{summary.images:,} images, {summary.errors} error rows in {summary.seconds:.1f}s "
@@ -376,17 +348,25 @@ def run_localize(options: LocalizeOptions, out: TextIO | None = sys.stdout) -> R
     for url, errs in outcome.failed.items():
         say(f"FAILED {url} after {len(errs)} attempts: {errs[-1]}")
     say(f"manifest: {summary.manifest_url}")
-    return summary
 
 
-def _run_actors(options, plan, checkpoint, row_settings, resources, say, out) -> ScheduleOutcome:
+def _run_actors(
+    config: LocalizeConfig,
+    precision: str,
+    plan: RunPlan,
+    checkpoint: bytes,
+    rows: RowSettings,
+    resources: ActorResources,
+    say: Say,
+    out: TextIO | None,
+) -> ScheduleOutcome:
     import ray
 
     from pipeline.localize.actor import localize_actor_class
 
     settings = WorkerSettings(
-        batch_size=options.batch_size,
-        precision=options.precision,
+        batch_size=config.batch_size,
+        precision=precision,
         decode_threads=max(1, int(resources.cpus)),
         run_id=plan.run_id,
     )
@@ -397,20 +377,20 @@ def _run_actors(options, plan, checkpoint, row_settings, resources, say, out) ->
 
     def create_actor(index: int):
         return actor_class.options(name=f"{name_prefix}-{index}").remote(
-            checkpoint_ref, options.checkpoint, settings, row_settings, resources.cpus, env
+            checkpoint_ref, config.checkpoint, settings, rows, resources.cpus, env
         )
 
     say(
         f"{resources.num_actors} actors x ({resources.cpus:g} CPUs, {resources.gpus:g} GPUs), "
-        f"batch {options.batch_size}, {options.precision}"
+        f"batch {config.batch_size}, {precision}"
     )
     token = uuid.uuid4().hex
-    jobs = [ShardJob(s.shard_url, s.out_url, overwrite=options.overwrite, write_token=token) for s in plan.todo]
+    jobs = [ShardJob(s.shard_url, s.out_url, overwrite=config.overwrite, write_token=token) for s in plan.todo]
     scheduler = ShardScheduler(
         create_actor,
         resources.num_actors,
-        max_retries=options.max_retries,
-        progress=ProgressLine(len(jobs), out, options.progress_seconds),
+        max_retries=config.max_retries,
+        progress=ProgressLine(len(jobs), out, config.progress_seconds),
     )
     try:
         scheduler.start()
@@ -421,42 +401,86 @@ def _run_actors(options, plan, checkpoint, row_settings, resources, say, out) ->
         scheduler.shutdown()
 
 
-def _previous_manifest(url: str) -> dict[str, Any]:
-    """The manifest an earlier run with this id left, or {} (none, or unreadable)."""
+# --- the manifest --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the manifest records about an invocation besides its outcome."""
+
+    config: LocalizeConfig  # as given (precision as requested)
+    precision: str  # resolved
+    plan: RunPlan
+    model_config: dict[str, Any]  # the checkpoint's, with its sha256
+    rows: RowSettings
+    resources: ActorResources | None
+    started: float
+
+
+def _previous_manifest(run_url: str) -> Manifest | None:
+    """The manifest an earlier invocation of this run id left, or None (none, or unreadable)."""
     try:
-        return json.loads(read_bytes(url))
-    except (ValueError, OSError):  # FileNotFoundError is an OSError
-        return {}
+        return read_manifest(run_url)
+    except (ManifestError, OSError):  # FileNotFoundError is an OSError
+        return None
 
 
-def build_manifest(options, plan, config, row_settings, outcome, resources, started,
-                   precision_requested: str | None = None) -> dict[str, Any]:
-    manifest_url = join_url(plan.run_url, MANIFEST_NAME)
-    previous_manifest = _previous_manifest(manifest_url)
-    previous = {s["shard"]: s for s in previous_manifest.get("shards", [])}
+def build_manifest(run: RunRecord, outcome: ScheduleOutcome) -> Manifest:
+    """The run's manifest after this invocation: its shards, settings and timing history."""
+    previous = _previous_manifest(run.plan.run_url)
+    config, rows = run.config, run.rows
+    history = list(previous.history) if previous else []
+    history.append(_timings(outcome, run.resources, run.started))
+    return Manifest(
+        run_id=run.plan.run_id,
+        spec=config.shards,
+        output=run.plan.run_url,
+        model_sha256=rows.model_sha256,
+        checkpoint=config.checkpoint,
+        model_config={k: v for k, v in run.model_config.items() if k != "sha256"},
+        input_frame=input_frame(rows.resize_crop, run.model_config),
+        settings={
+            **{k: v for k, v in asdict(rows).items() if k != "class_names"},
+            "precision": run.precision,
+            "precision_requested": config.precision,
+            "batch_size": config.batch_size,
+            "max_retries": config.max_retries,
+            "limit": config.limit,
+        },
+        shards=_shard_entries(run.plan, outcome, previous, run.started),
+        failed_shards=[{"shard": u, "errors": e} for u, e in outcome.failed.items()],
+        history=history,
+    )
+
+
+def _shard_entries(
+    plan: RunPlan, outcome: ScheduleOutcome, previous: Manifest | None, started: float
+) -> list[ShardEntry]:
+    before = {s.shard: s for s in previous.shards} if previous else {}
     results = {r.shard_url: r for r in outcome.results}
-    shards = []
+    entries = []
     for s in plan.shards:
-        entry: dict[str, Any] = {"shard": s.shard_url, "output": s.out_url}
+        entry = ShardEntry(s.shard_url, s.out_url)
         r = results.get(s.shard_url)
         if s.shard_url in outcome.failed:
-            entry.update(status="failed", errors_by_attempt=outcome.failed[s.shard_url])
+            entry.status, entry.errors_by_attempt = "failed", outcome.failed[s.shard_url]
         elif r is not None and not r.skipped:
-            entry.update(status="done", rows=r.rows, errors=r.errors, seconds=round(r.seconds, 3),
-                         bytes=r.bytes_written, run_started=_iso(started))
-        elif s.shard_url in previous and previous[s.shard_url].get("status") == "done":
-            entry = previous[s.shard_url]
+            entry = ShardEntry(s.shard_url, s.out_url, "done", rows=r.rows, errors=r.errors,
+                               seconds=round(r.seconds, 3), bytes=r.bytes_written, run_started=_iso(started))
+        elif s.shard_url in before and before[s.shard_url].status == "done":
+            entry = before[s.shard_url]
         elif s.done or (r is not None and r.skipped):
-            rows, errors = output_counts(s.out_url)
-            entry.update(status="done", rows=rows, errors=errors)
-        else:
-            entry.update(status="not run")
-        entry["attempts"] = outcome.attempts.get(s.shard_url, entry.get("attempts", 0))
-        shards.append(entry)
+            entry.status = "done"
+            entry.rows, entry.errors = output_counts(s.out_url)
+        entry.attempts = outcome.attempts.get(s.shard_url, entry.attempts)
+        entries.append(entry)
+    return entries
+
+
+def _timings(outcome: ScheduleOutcome, resources: ActorResources | None, started: float) -> dict[str, Any]:
     finished = time.time()
-    model_config = {k: v for k, v in config.items() if k != "sha256"}
-    history = previous_manifest.get("history", [])
-    history.append({
+    overhead = outcome.overhead_seconds
+    return {
         "started": _iso(started),
         "finished": _iso(finished),
         "seconds": round(finished - started, 3),
@@ -468,46 +492,16 @@ def build_manifest(options, plan, config, row_settings, outcome, resources, star
         "images_per_second": round(outcome.images / outcome.seconds, 2) if outcome.seconds else 0.0,
         "replaced_actors": outcome.replaced_actors,
         # Per shard: driver round trip minus the time inside the actor (scheduling cost).
-        "scheduling_overhead_seconds_mean": (
-            round(sum(outcome.overhead_seconds) / len(outcome.overhead_seconds), 5)
-            if outcome.overhead_seconds
-            else None
-        ),
+        "scheduling_overhead_seconds_mean": round(sum(overhead) / len(overhead), 5) if overhead else None,
         "actors": [asdict(a) | {"images_per_second": round(a.images_per_second, 2)} for a in outcome.actors],
         "resources": asdict(resources) if resources else None,
-    })
-    done = [e for e in shards if e["status"] == "done"]
-    return {
-        "run_id": plan.run_id,
-        "spec": options.shards,
-        "output": plan.run_url,
-        "model_sha256": row_settings.model_sha256,
-        "checkpoint": options.checkpoint,
-        "model_config": model_config,
-        "input_frame": input_frame(row_settings.resize_crop, config),
-        "settings": {
-            **{k: v for k, v in asdict(row_settings).items() if k != "class_names"},
-            "precision": options.precision,
-            "precision_requested": precision_requested or options.precision,
-            "batch_size": options.batch_size,
-            "max_retries": options.max_retries,
-            "limit": options.limit,
-        },
-        "shards_total": len(shards),
-        "shards_done": len(done),
-        "rows": sum(e.get("rows", 0) for e in done),
-        "error_rows": sum(e.get("errors", 0) for e in done),
-        "failed_shards": [{"shard": u, "errors": e} for u, e in outcome.failed.items()],
-        "shards": shards,
-        "timings": history[-1],
-        "history": history,
     }
 
 
-def input_frame(frame: ResizeCrop | None, config: dict[str, Any]) -> dict[str, Any]:
+def input_frame(frame: ResizeCrop | None, model_config: dict[str, Any]) -> dict[str, Any]:
     """What the maps cover, for the manifest (``evaluate_wsol.py --protocol sat`` reads it)."""
     if frame is None:
-        return {"kind": "resize", "size": input_size(config)}
+        return {"kind": "resize", "size": model_input_size(model_config)}
     return {"kind": "resize_crop", "resize": frame.resize, "crop": frame.crop, "offset": frame.offset}
 
 

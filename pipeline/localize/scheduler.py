@@ -139,6 +139,35 @@ class ProgressLine:
             print(f"[localize] {text}", file=self.out, flush=True)
 
 
+class _RunState:
+    """What one ``ShardScheduler.run`` tracks: the queue, attempts, shards in flight."""
+
+    def __init__(self, jobs: Sequence[ShardJob]) -> None:
+        self.outcome = ScheduleOutcome()
+        self.t0 = time.monotonic()
+        self.pending: deque[ShardJob] = deque(jobs)
+        self.tried_on: dict[str, set[int]] = {j.shard_url: set() for j in jobs}
+        self.errors: dict[str, list[str]] = {j.shard_url: [] for j in jobs}
+        self.in_flight: dict[Any, tuple[_Slot, ShardJob, float]] = {}
+        self.live_progress: dict[int, int] = {}
+        self.stalled_since: float | None = None
+
+    def fail_or_retry(self, job: ShardJob, why: str, max_retries: int) -> None:
+        errors = self.errors[job.shard_url]
+        errors.append(why)
+        self.outcome.attempts[job.shard_url] = len(errors)
+        if len(errors) > max_retries:
+            self.outcome.failed[job.shard_url] = list(errors)
+        else:
+            self.pending.appendleft(job)  # retry soon, while the cause is fresh in the logs
+
+    def fail_pending(self, why: str) -> None:
+        for job in self.pending:
+            self.errors[job.shard_url].append(why)
+            self.outcome.failed[job.shard_url] = list(self.errors[job.shard_url])
+        self.pending.clear()
+
+
 class ShardScheduler:
     def __init__(
         self,
@@ -148,10 +177,6 @@ class ShardScheduler:
         progress: ProgressLine | None = None,
         poll_progress: bool = True,
     ) -> None:
-        if num_actors < 1:
-            raise ValueError(f"--num-actors must be >= 1, got {num_actors}")
-        if max_retries < 0:
-            raise ValueError(f"--max-retries must be >= 0, got {max_retries}")
         self.create_actor = create_actor
         self.num_actors = num_actors
         self.max_retries = max_retries
@@ -225,95 +250,94 @@ class ShardScheduler:
     # --- the loop --------------------------------------------------------------------
 
     def run(self, jobs: Sequence[ShardJob]) -> ScheduleOutcome:
-        outcome = ScheduleOutcome()
         t_start = time.monotonic()
         if not self.slots:
             self.start()
-        outcome.startup_seconds = time.monotonic() - t_start
-        t0 = time.monotonic()
-        pending: deque[ShardJob] = deque(jobs)
-        tried_on: dict[str, set[int]] = {j.shard_url: set() for j in jobs}
-        errors: dict[str, list[str]] = {j.shard_url: [] for j in jobs}
-        in_flight: dict[Any, tuple[_Slot, ShardJob, float]] = {}
-        live_progress: dict[int, int] = {}
-
-        def fail_or_retry(job: ShardJob, why: str) -> None:
-            errors[job.shard_url].append(why)
-            outcome.attempts[job.shard_url] = len(errors[job.shard_url])
-            if len(errors[job.shard_url]) > self.max_retries:
-                outcome.failed[job.shard_url] = list(errors[job.shard_url])
-            else:
-                pending.appendleft(job)  # retry soon, while the cause is fresh in the logs
-
-        stalled_since: float | None = None
+        state = _RunState(jobs)
+        state.outcome.startup_seconds = time.monotonic() - t_start
         try:
-            while pending or in_flight:
-                self._assign(pending, tried_on, in_flight)
+            while state.pending or state.in_flight:
+                self._assign(state.pending, state.tried_on, state.in_flight)
                 starting = {s.starting: s for s in self.slots if s.starting is not None}
-                if not in_flight:  # only replacements that have not started yet can take the rest
-                    stalled_since = stalled_since or time.monotonic()
-                    if not starting or time.monotonic() - stalled_since > ACTOR_START_TIMEOUT:
-                        why = "no localize actor left: replacements could not start (cluster too small?)"
-                        for job in pending:
-                            errors[job.shard_url].append(why)
-                            outcome.failed[job.shard_url] = list(errors[job.shard_url])
-                        pending.clear()
-                        break
-                else:
-                    stalled_since = None
-                now = time.monotonic()
-                timeout = None
-                if self.progress is not None:
-                    timeout = max(0.05, self.progress.every - (now - self.progress.last_print))
-                if not in_flight:
-                    timeout = min(timeout or 10.0, 10.0)
-                ready, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=timeout)
+                if self._stalled(state, starting):
+                    break
+                refs = list(state.in_flight) + list(starting)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=self._wait_timeout(state))
                 for ref in ready:
                     if ref in starting:
                         self._started(starting[ref])
-                        continue
-                    slot, job, submitted = in_flight.pop(ref)
-                    slot.job = None
-                    live_progress.pop(slot.stats.index, None)
-                    try:
-                        result: ShardResult = ray.get(ref)
-                    except RayActorError as e:
-                        why = f"actor {slot.stats.index} died: {_describe_failure(e)}"
-                        self._replace(slot, why)
-                        outcome.replaced_actors += 1
-                        fail_or_retry(job, why)
-                        continue
-                    except Exception as e:  # the shard itself failed (RayTaskError, lost object ...)
-                        tried_on[job.shard_url].add(slot.stats.index)
-                        fail_or_retry(job, f"on actor {slot.stats.index}: {_describe_failure(e)}")
-                        continue
-                    outcome.attempts[job.shard_url] = len(errors[job.shard_url]) + 1
-                    outcome.results.append(result)
-                    outcome.overhead_seconds.append(max(time.monotonic() - submitted - result.seconds, 0.0))
-                    if not result.skipped:
-                        slot.stats.shards += 1
-                        slot.stats.images += result.images
-                        slot.stats.errors += result.errors
-                        slot.stats.busy_seconds += result.seconds
-                now = time.monotonic()
-                if self.progress is not None and (self.progress.due(now) or not (pending or in_flight)):
-                    if self.poll_progress and in_flight:
-                        live_progress = self._poll(in_flight)
-                    self.progress.emit(
-                        self.progress.line(
-                            done=len(outcome.results),
-                            failed=len(outcome.failed),
-                            images=outcome.images,
-                            in_progress=sum(live_progress.values()),
-                            errors=outcome.errors,
-                            elapsed=now - t0,
-                        ),
-                        now,
-                    )
+                    else:
+                        self._collect(ref, state)
+                self._report(state)
         finally:
-            outcome.seconds = time.monotonic() - t0
-            outcome.actors = sorted(self.retired + [s.stats for s in self.slots], key=lambda a: a.index)
-        return outcome
+            state.outcome.seconds = time.monotonic() - state.t0
+            state.outcome.actors = sorted(self.retired + [s.stats for s in self.slots], key=lambda a: a.index)
+        return state.outcome
+
+    def _stalled(self, state: _RunState, starting: dict) -> bool:
+        """Nothing in flight and no replacement able to start: fail what is left (True)."""
+        if state.in_flight:  # only replacements that have not started yet can take the rest
+            state.stalled_since = None
+            return False
+        state.stalled_since = state.stalled_since or time.monotonic()
+        if starting and time.monotonic() - state.stalled_since <= ACTOR_START_TIMEOUT:
+            return False
+        state.fail_pending("no localize actor left: replacements could not start (cluster too small?)")
+        return True
+
+    def _wait_timeout(self, state: _RunState) -> float | None:
+        """Until the next progress line is due; at most 10 s while only replacements are starting."""
+        timeout = None
+        if self.progress is not None:
+            timeout = max(0.05, self.progress.every - (time.monotonic() - self.progress.last_print))
+        if not state.in_flight:
+            timeout = min(timeout or 10.0, 10.0)
+        return timeout
+
+    def _collect(self, ref: Any, state: _RunState) -> None:
+        """One shard came back: a result, a failed shard (retried), or a dead actor (replaced)."""
+        slot, job, submitted = state.in_flight.pop(ref)
+        slot.job = None
+        state.live_progress.pop(slot.stats.index, None)
+        try:
+            result: ShardResult = ray.get(ref)
+        except RayActorError as e:
+            why = f"actor {slot.stats.index} died: {_describe_failure(e)}"
+            self._replace(slot, why)
+            state.outcome.replaced_actors += 1
+            state.fail_or_retry(job, why, self.max_retries)
+            return
+        except Exception as e:  # the shard itself failed (RayTaskError, lost object ...)
+            state.tried_on[job.shard_url].add(slot.stats.index)
+            state.fail_or_retry(job, f"on actor {slot.stats.index}: {_describe_failure(e)}", self.max_retries)
+            return
+        outcome = state.outcome
+        outcome.attempts[job.shard_url] = len(state.errors[job.shard_url]) + 1
+        outcome.results.append(result)
+        outcome.overhead_seconds.append(max(time.monotonic() - submitted - result.seconds, 0.0))
+        if not result.skipped:
+            slot.stats.shards += 1
+            slot.stats.images += result.images
+            slot.stats.errors += result.errors
+            slot.stats.busy_seconds += result.seconds
+
+    def _report(self, state: _RunState) -> None:
+        """A progress line when one is due, and always at the end."""
+        now = time.monotonic()
+        if self.progress is None or not (self.progress.due(now) or not (state.pending or state.in_flight)):
+            return
+        if self.poll_progress and state.in_flight:
+            state.live_progress = self._poll(state.in_flight)
+        outcome = state.outcome
+        line = self.progress.line(
+            done=len(outcome.results),
+            failed=len(outcome.failed),
+            images=outcome.images,
+            in_progress=sum(state.live_progress.values()),
+            errors=outcome.errors,
+            elapsed=now - state.t0,
+        )
+        self.progress.emit(line, now)
 
     def _assign(self, pending: deque[ShardJob], tried_on: dict[str, set[int]], in_flight: dict) -> None:
         ready = [s for s in self.slots if s.starting is None]

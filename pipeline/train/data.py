@@ -22,6 +22,7 @@ few-shot subset is fixed. During training each worker streams its own share:
 """
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.data.batches import batches
 from pipeline.data.handoff import Handoff
 from pipeline.data.preprocess import resize_to_input, train_transform
 from pipeline.data.reader import Sample, decode_sample, read_samples
@@ -311,12 +313,10 @@ def train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly ``steps`` augmented (uint8 B x 3 x S x S, int64 B) batches for this worker."""
 
-    def produce() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        made = 0
+    def examples() -> Iterator[tuple[torch.Tensor, int]]:
+        """Augmented (image, label) pairs, the share reshuffled on each pass, endlessly."""
         rep = 0
-        while made < steps:
+        while True:
             share = worker_share(index, rank, world, epoch * 1000 + rep, seed)
             rng = _epoch_rng("train", seed, epoch, rank, rep)
             got = 0
@@ -325,20 +325,18 @@ def train_batches(
                 if decoded.error is not None:
                     continue
                 got += 1
-                images.append(train_transform(decoded.image, image_size, rng))
-                labels.append(decoded.label)
-                if len(images) == batch_size:
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-                    images, labels = [], []
-                    made += 1
-                    if made == steps:
-                        return
+                yield train_transform(decoded.image, image_size, rng), decoded.label
             if got == 0:
                 raise TrainDataError(
                     f"worker {rank} of {world} found no decodable training sample in its share "
                     f"of --train-shards ({len(share.urls)} shard(s)): check the shards"
                 )
             rep += 1
+
+    def produce() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in itertools.islice(batches(examples(), batch_size), steps):
+            images, labels = zip(*batch)
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
     return prefetched(produce(), prefetch) if prefetch > 0 else produce()
 
@@ -355,23 +353,19 @@ def val_batches(
 ) -> Iterator[ValBatch]:
     """This worker's share of the val split, resized to the square input, boxes scaled."""
 
-    def produce() -> Iterator[ValBatch]:
-        share = worker_share(index, rank, world, shuffle=False)
-        images, labels, boxes = [], [], []
-        for sample in share_samples(share):
+    def examples() -> Iterator[tuple[torch.Tensor, int, np.ndarray]]:
+        for sample in share_samples(worker_share(index, rank, world, shuffle=False)):
             decoded = decode_sample(sample)
             if decoded.error is not None:
                 continue
-            images.append(resize_to_input(decoded.image, image_size))
-            labels.append(decoded.label)
             sx, sy = image_size / decoded.width, image_size / decoded.height
             gt = np.asarray(decoded.gt_boxes or [], dtype=np.float64).reshape(-1, 4)
-            boxes.append(gt * np.array([sx, sy, sx, sy]))
-            if len(images) == batch_size:
-                yield ValBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), boxes)
-                images, labels, boxes = [], [], []
-        if images:
-            yield ValBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), boxes)
+            yield resize_to_input(decoded.image, image_size), decoded.label, gt * np.array([sx, sy, sx, sy])
+
+    def produce() -> Iterator[ValBatch]:
+        for batch in batches(examples(), batch_size):
+            images, labels, boxes = zip(*batch)
+            yield ValBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(boxes))
 
     return prefetched(produce(), prefetch) if prefetch > 0 else produce()
 

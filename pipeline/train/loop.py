@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from model import SATLossConfig, create_model, sat_loss
 from model.factory import split_name
 from model.precision import autocast_for
 from model.sat import SATVisionTransformer
+from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FREEZE_MODES = ("none", "token")
 # After the warm-up: cosine to zero, or constant (the official runs: constant lr, no warm-up).
@@ -26,8 +27,11 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """What one worker trains with, resolved: a full model name, fp32 or bf16, the class
+    count of the data. The job builds it from its options (pipeline.train.job)."""
+
     model: str = "sat_vit_micro_patch8_64"
     num_classes: int = 10
     model_kwargs: dict = field(default_factory=dict)
@@ -38,18 +42,15 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # after the warm-up: "cosine" to zero or "constant"
-    alpha: float = 0.25
-    area_weight: float = 1.0
-    norm_weight: float = 1.0
-    area_mode: str = "batch"  # "batch" (official) or "image" (per-image area term)
+    loss: SATLossConfig = field(default_factory=SATLossConfig)  # alpha, the terms' weights, area mode
     spatial_loss_start: float = 0.0  # epochs before the area/normalization terms start
     spatial_loss_ramp: float = 0.0  # epochs over which they ramp to full weight
     backbone_lr_scale: float = 1.0
     freeze: str = "none"
     precision: str = "fp32"  # resolved: fp32 or bf16 (the jobs' "auto" picks one, model.precision)
     seed: int = 0
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     def __post_init__(self) -> None:
         split_name(self.model)
@@ -66,8 +67,18 @@ class TrainConfig:
     def method(self) -> str:
         return split_name(self.model)[0]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, the loss's fields beside the others: the shape checkpoints have always stored."""
+        flat = asdict(self)
+        return {**flat.pop("loss"), **flat}
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any]) -> "TrainConfig":
+        """The inverse of ``to_dict`` (reads checkpoints written before ``loss`` was nested)."""
+        loss_names = {f.name for f in fields(SATLossConfig)}
+        loss = SATLossConfig(**{k: v for k, v in flat.items() if k in loss_names})
+        rest = {k: tuple(v) if k in ("mean", "std") else v for k, v in flat.items() if k not in loss_names}
+        return cls(**rest, loss=loss)
 
 
 # --- model and optimiser ---------------------------------------------------------------
@@ -158,13 +169,6 @@ def spatial_scale(epoch_progress: float, start: float, ramp: float) -> float:
 
 # --- one step, one epoch ---------------------------------------------------------------
 
-def to_model_input(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    x = images_uint8.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -176,9 +180,6 @@ def train_epoch(
 ) -> dict[str, float]:
     """One epoch over (uint8 images, labels) batches; returns the epoch's mean metrics."""
     model.train()
-    loss_cfg = SATLossConfig(
-        alpha=cfg.alpha, area_weight=cfg.area_weight, norm_weight=cfg.norm_weight, area_mode=cfg.area_mode
-    )
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     sums: dict[str, float] = {}
@@ -188,12 +189,12 @@ def train_epoch(
         step = epoch * steps_per_epoch + i
         set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps, cfg.schedule))
         scale = spatial_scale(epoch + i / steps_per_epoch, cfg.spatial_loss_start, cfg.spatial_loss_ramp)
-        x = to_model_input(images.to(device), cfg.mean, cfg.std)
+        x = normalize(images.to(device), cfg.mean, cfg.std)
         labels = labels.to(device)
         with autocast_for(cfg.precision, device):
             out = model(x)
         if cfg.method == "sat":
-            parts = sat_loss(out.logits, out.loc_map, labels, loss_cfg, spatial_scale=scale)
+            parts = sat_loss(out.logits, out.loc_map, labels, cfg.loss, spatial_scale=scale)
             loss, named = parts.total, {"ce": parts.ce, "area": parts.area, "norm": parts.norm}
         else:
             loss = nn.functional.cross_entropy(out.logits.float(), labels)
@@ -224,5 +225,5 @@ def predict(
     model.eval()
     for images in batches:
         with autocast_for(cfg.precision, device):
-            out = model(to_model_input(images.to(device), cfg.mean, cfg.std))
+            out = model(normalize(images.to(device), cfg.mean, cfg.std))
         yield out.logits.float().cpu(), out.loc_map.float().cpu()

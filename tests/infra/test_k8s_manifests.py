@@ -167,7 +167,8 @@ def test_rayjob_entrypoints_call_our_jobs_with_valid_flags():
     assert localize.shards == "s3://satloc-data/wds/val-{000000..000049}.tar"  # quoted: no shell brace expansion
     assert localize.run_id and localize.output.startswith("s3://")
     assert train.use_gpu and train.num_workers == 4 and train.max_failures >= 1
-    assert train.recipe == "cub" and (train.lr, train.schedule, train.batch_size) == (1e-4, "constant", 256)
+    assert train.recipe == "cub" and (train.train.lr, train.train.schedule, train.train.batch_size) == (
+        1e-4, "constant", 256)
     assert train.name and train.storage_path.startswith("s3://")  # same name + storage = resume
     train_groups = by_kind("RayJob")
     workers = next(d for n, d in train_groups if n == "rayjob-train.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]

@@ -31,10 +31,11 @@ import ray
 import torch
 
 from model.boxes import boxes_from_maps
-from model.checkpoint import default_config, load_checkpoint, save_checkpoint
+from model.checkpoint import default_config
+from pipeline.data.checkpoints import load_checkpoint, save_checkpoint
 from model.factory import create_model
 from model.precision import resolve_precision
-from pipeline.localize.run import BadInputError, LocalizeOptions, run_localize
+from pipeline.localize.run import BadInputError, LocalizeConfig, run_localize
 from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.data.preprocess import ResizeCrop, normalize, resize_to_input, stack_uint8
 from pipeline.data.reader import read_samples
@@ -101,7 +102,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def first_run(data, ray_cluster):
     out = io.StringIO()
-    options = LocalizeOptions(
+    options = LocalizeConfig(
         shards=data["shards"], checkpoint=data["checkpoint"], output=str(data["root"] / "out"),
         batch_size=BATCH, progress_seconds=0.5,
         precision="fp32",  # compared with direct fp32 model calls; other runs compare with this one
@@ -240,7 +241,7 @@ def test_rerun_does_no_work(first_run):
     assert "actor" not in out.getvalue()  # no actors were started
     manifest = json.loads(Path(again.manifest_url).read_text())
     assert manifest["rows"] == 42 and len(manifest["history"]) == 2
-    dry = run_localize(LocalizeOptions(**{**first_run["options"].__dict__, "dry_run": True, "overwrite": True}), out=None)
+    dry = run_localize(LocalizeConfig(**{**first_run["options"].__dict__, "dry_run": True, "overwrite": True}), out=None)
     assert dry.dry_run and dry.shards_todo == 4  # --overwrite would redo them all
 
 
@@ -250,7 +251,7 @@ def test_rerun_does_no_work(first_run):
 def test_actor_killed_mid_run_still_gives_every_key_once(data, first_run, tmp_path):
     shards = tmp_path / "many"
     write_synthetic_shards(str(shards), "kill", 96, seed=5, shard_size=6)  # 16 shards
-    options = LocalizeOptions(
+    options = LocalizeConfig(
         shards=str(shards) + "/", checkpoint=data["checkpoint"], output=str(tmp_path / "out"), run_id="killtest",
         num_actors=2, gpus_per_actor=0, batch_size=1, progress_seconds=60,
     )
@@ -282,9 +283,9 @@ def test_fp16_on_cpu_and_oversized_requests_fail_before_work(data, first_run, tm
     out = tmp_path / "out"
     base = dict(shards=data["shards"], checkpoint=data["checkpoint"], output=str(out))
     with pytest.raises(BadInputError, match="fp16 needs GPUs"):
-        run_localize(LocalizeOptions(**base, precision="fp16", gpus_per_actor=0), out=None)
+        run_localize(LocalizeConfig(**base, precision="fp16", gpus_per_actor=0), out=None)
     with pytest.raises(BadInputError, match="cluster has 2 CPUs"):
-        run_localize(LocalizeOptions(**base, num_actors=3, gpus_per_actor=0, cpus_per_actor=1), out=None)
+        run_localize(LocalizeConfig(**base, num_actors=3, gpus_per_actor=0, cpus_per_actor=1), out=None)
     assert not list(out.rglob("*.parquet"))
 
 
@@ -304,11 +305,11 @@ def test_resize_crop_run_reports_boxes_in_original_pixels_and_records_the_frame(
     base = dict(shards=shard, checkpoint=data["checkpoint"], output=str(tmp_path / "out"), batch_size=BATCH,
                 gpus_per_actor=0, num_actors=1, cpus_per_actor=1, precision="fp32", progress_seconds=0.5)
     out = io.StringIO()
-    summary = run_localize(LocalizeOptions(**base, resize_crop="72,64"), out=out)
+    summary = run_localize(LocalizeConfig(**base, resize_crop="72,64"), out=out)
     assert summary.exit_code == 0 and summary.images == 4
     assert "input frame: resize 72x72, centre crop 64x64" in out.getvalue()
     # Another frame is another run (the default id differs).
-    assert run_localize(LocalizeOptions(**base, dry_run=True), out=None).run_id != summary.run_id
+    assert run_localize(LocalizeConfig(**base, dry_run=True), out=None).run_id != summary.run_id
 
     manifest = json.loads(Path(summary.manifest_url).read_text())
     assert manifest["input_frame"] == {"kind": "resize_crop", "resize": 72, "crop": 64, "offset": 4}
@@ -351,9 +352,9 @@ def test_bad_resize_crop_is_refused_before_work(data, tmp_path):
     out = tmp_path / "out"
     good = dict(shards=data["shards"], checkpoint=data["checkpoint"], output=str(out))
     with pytest.raises(BadInputError, match="--resize-crop 256,224: the crop must equal the input size .* \\(64\\)"):
-        run_localize(LocalizeOptions(**good, resize_crop="256,224"), out=None)
+        run_localize(LocalizeConfig(**good, resize_crop="256,224"), out=None)
     with pytest.raises(BadInputError, match="--resize-crop 60,64: need RESIZE >= CROP"):
-        run_localize(LocalizeOptions(**good, resize_crop=(60, 64)), out=None)
+        run_localize(LocalizeConfig(**good, resize_crop=(60, 64)), out=None)
     proc = subprocess.run(
         [sys.executable, "jobs/localize_shards.py", "--shards", data["shards"], "--checkpoint", data["checkpoint"],
          "--output", str(out), "--resize-crop", "72x64"],
@@ -370,20 +371,20 @@ def test_bad_inputs_name_the_url_and_write_nothing(data, tmp_path):
     out = tmp_path / "out"
     good = dict(shards=data["shards"], checkpoint=data["checkpoint"], output=str(out))
     with pytest.raises(BadInputError, match="matches no shard"):
-        run_localize(LocalizeOptions(**{**good, "shards": str(tmp_path / "none-{000..003}.tar")}), out=None)
+        run_localize(LocalizeConfig(**{**good, "shards": str(tmp_path / "none-{000..003}.tar")}), out=None)
     missing = str(tmp_path / "missing.safetensors")
     with pytest.raises(BadInputError, match=f"checkpoint {missing} does not exist"):
-        run_localize(LocalizeOptions(**{**good, "checkpoint": missing}), out=None)
+        run_localize(LocalizeConfig(**{**good, "checkpoint": missing}), out=None)
     not_a_checkpoint = tmp_path / "junk.safetensors"
     not_a_checkpoint.write_bytes(b"\x00" * 64)
     with pytest.raises(BadInputError, match="junk.safetensors is not a satloc checkpoint"):
-        run_localize(LocalizeOptions(**{**good, "checkpoint": str(not_a_checkpoint)}), out=None)
+        run_localize(LocalizeConfig(**{**good, "checkpoint": str(not_a_checkpoint)}), out=None)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(BadInputError, match=f"cannot write {blocker}/out"):
-        run_localize(LocalizeOptions(**{**good, "output": str(blocker / "out")}), out=None)
+        run_localize(LocalizeConfig(**{**good, "output": str(blocker / "out")}), out=None)
     with pytest.raises(BadInputError, match="--batch-size"):
-        run_localize(LocalizeOptions(**{**good, "batch_size": 0}), out=None)
+        run_localize(LocalizeConfig(**{**good, "batch_size": 0}), out=None)
     assert not out.exists()
 
 
@@ -441,7 +442,7 @@ def test_seaweedfs_shards_in_parquet_out_and_new_shards_next_run(data, first_run
     _upload_dir(client, store.bucket, f"{prefix}/shards", local, ["val-000000.tar", "val-000001.tar"])
     client.put_object(Bucket=store.bucket, Key=f"{prefix}/sat.safetensors", Body=Path(data["checkpoint"]).read_bytes())
     base = f"s3://{store.bucket}/{prefix}"
-    options = LocalizeOptions(
+    options = LocalizeConfig(
         shards=f"{base}/shards/", checkpoint=f"{base}/sat.safetensors", output=f"{base}/out",
         run_id="s3run", num_actors=1, gpus_per_actor=0, batch_size=BATCH, precision="fp32",
     )
@@ -470,7 +471,7 @@ def test_seaweedfs_shards_in_parquet_out_and_new_shards_next_run(data, first_run
     wrong = secrets.token_hex(8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     with pytest.raises(BadInputError) as err:
-        run_localize(LocalizeOptions(**{**options.__dict__, "run_id": "other"}), out=None)
+        run_localize(LocalizeConfig(**{**options.__dict__, "run_id": "other"}), out=None)
     assert store.bucket in str(err.value) and wrong not in str(err.value) and store.secret_key not in str(err.value)
 
 

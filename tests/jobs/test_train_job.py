@@ -15,7 +15,8 @@ import uuid
 import pytest
 import torch
 
-from model import create_model, load_checkpoint, save_checkpoint
+from model import create_model
+from pipeline.data.checkpoints import load_checkpoint, save_checkpoint
 from model.checkpoint import default_config
 from model.precision import resolve_precision
 from pipeline.local_ray import start_local_ray
@@ -23,7 +24,8 @@ from pipeline.train.recipes import RECIPES
 from pipeline.data.storage import StorageError, url_to_fs
 from pipeline.datasets.synthetic import class_names, write_synthetic_shards
 from pipeline.train.data import TrainDataError
-from pipeline.train.job import TrainOptions, run_training
+from pipeline.train.job import run_training
+from pipeline.train.options import TrainOptions
 from pipeline.train.loop import TrainConfig, build_model, is_token_or_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -74,7 +76,7 @@ def options(data: str, name: str, **overrides) -> TrainOptions:
         precision="fp32",  # the resume and rerun tests compare figures with full_run's
     )
     base.update(overrides)
-    return TrainOptions(**base)
+    return TrainOptions.from_settings(**base)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_two_workers_train_from_s3_and_checkpoint_there(full_run, data):
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(ckpts[-1])} >= {"model.safetensors", "optimizer.pt", "train_state.json"}
     assert json.loads(fs.cat_file(f"{ckpts[-1]}/train_state.json"))["epoch"] == 2
     # freeze=none: every parameter moved away from its seeded initial value.
-    init = build_model(TrainConfig(**config["training"]["train_config"])).state_dict()
+    init = build_model(TrainConfig.from_dict(config["training"]["train_config"])).state_dict()
     trained = model.state_dict()
     names = [n for n, _ in model.named_parameters()]
     assert len(names) > 20
@@ -251,14 +253,19 @@ def test_cli_parses_every_flag_and_reports_bad_storage(tmp_path):
         "--num-workers", "4", "--use-gpu", "--precision", "fp32", "--storage-path", "s3://b/runs", "--name", "n",
         "--seed", "7", "--output", "s3://b/m.safetensors", "--threshold-metric", "maxboxacc_v2",
         "--max-failures", "2",
-    ])
-    assert (o.model, o.method, o.img_size, o.model_kwargs, o.epochs, o.batch_size, o.lr) == (
-        "vit_micro_patch8_64", "cam", 48, {"depth": 4}, 5, 64, 0.01)
-    assert (o.weight_decay, o.warmup_epochs, o.alpha, o.area_weight, o.norm_weight) == (0.1, 2, 0.3, 0.5, 0.2)
-    assert (o.spatial_loss_start, o.spatial_loss_ramp, o.backbone_lr_scale, o.freeze) == (4, 3, 0.1, "token")
-    assert (o.images_per_class, o.num_workers, o.use_gpu, o.precision, o.seed) == (5, 4, True, "fp32", 7)
-    assert (o.threshold_metric, o.max_failures, o.name, o.pretrained) == ("maxboxacc_v2", 2, "n", "p.safetensors")
-    assert (o.schedule, o.recipe) == ("constant", None)
+    ]).settings()
+    # A bare backbone gets the sat_ prefix, which --method then replaces when the job resolves it.
+    assert (o["model"], o["method"], o["img_size"], o["model_kwargs"], o["epochs"], o["batch_size"], o["lr"]) == (
+        "sat_vit_micro_patch8_64", "cam", 48, {"depth": 4}, 5, 64, 0.01)
+    assert (o["weight_decay"], o["warmup_epochs"], o["alpha"], o["area_weight"], o["norm_weight"]) == (
+        0.1, 2, 0.3, 0.5, 0.2)
+    assert (o["spatial_loss_start"], o["spatial_loss_ramp"], o["backbone_lr_scale"], o["freeze"]) == (
+        4, 3, 0.1, "token")
+    assert (o["images_per_class"], o["num_workers"], o["use_gpu"], o["precision"], o["seed"]) == (
+        5, 4, True, "fp32", 7)
+    assert (o["threshold_metric"], o["max_failures"], o["name"], o["pretrained"]) == (
+        "maxboxacc_v2", 2, "n", "p.safetensors")
+    assert (o["schedule"], o["recipe"]) == ("constant", None)
     # As a script from the repo root: a bad storage path fails before Ray starts.
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -291,7 +298,7 @@ CUB = dict(model="sat_deit_small_patch16_224", lr=1e-4, schedule="constant", war
 
 
 def _values(o: TrainOptions, keys) -> dict:
-    return {k: getattr(o, k) for k in keys}
+    return {k: o.settings()[k] for k in keys}
 
 
 def test_recipes_set_the_official_values_and_flags_override_them(capsys):
@@ -304,7 +311,7 @@ def test_recipes_set_the_official_values_and_flags_override_them(capsys):
     tuned = parse(["--recipe", "cub", "--lr", "3e-4", "--model-kwargs", '{"depth": 6}', *PATHS])
     assert _values(tuned, CUB) == dict(CUB, lr=3e-4, model_kwargs={"drop_path_rate": 0.1, "depth": 6})
     demo = parse(["--recipe", "demo", *PATHS])
-    assert _values(demo, RECIPES["sat"]) == RECIPES["sat"] and demo.schedule == "cosine"
+    assert _values(demo, RECIPES["sat"]) == RECIPES["sat"] and demo.train.schedule == "cosine"
     # No --recipe: the built-in defaults for the CPU backbones, an error for DeiT.
     assert _values(parse(PATHS), ["model", "lr", "schedule", "precision"]) == {
         "model": "sat_vit_micro_patch8_64", "lr": 1e-3, "schedule": "cosine", "precision": "auto"}

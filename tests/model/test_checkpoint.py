@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import create_model, default_config, load_checkpoint, save_checkpoint
+from model import create_model, default_config
+from pipeline.data.checkpoints import load_checkpoint, save_checkpoint
 from model.checkpoint import checkpoint_bytes, load_checkpoint_bytes, read_config
 from model.pretrained import PretrainedReport, checkpoint_filter_fn, pretrained_report, read_state_dict
 

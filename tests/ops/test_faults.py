@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.checkpoint import default_config, save_checkpoint
+from model.checkpoint import default_config
+from pipeline.data.checkpoints import save_checkpoint
 from model.factory import create_model
 from infra.local.s3_store import LocalS3Store, stop_pid
 from pipeline.datasets.synthetic import class_names, write_synthetic_shards

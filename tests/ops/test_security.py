@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import default_config, save_checkpoint
+from model.checkpoint import default_config
+from pipeline.data.checkpoints import save_checkpoint
 from model.factory import create_model
 from infra.local.s3_store import LocalS3Store
 from pipeline.localize.run import plan_run

@@ -34,7 +34,7 @@ def _rows() -> list[dict]:
 
 @pytest.fixture
 def run(tmp_path):
-    return write_run(str(tmp_path), "r1", {"shard-000000": _rows()}, manifest={"config": {"class_names": NAMES}})
+    return write_run(str(tmp_path), "r1", {"shard-000000": _rows()}, manifest={"model_config": {"class_names": NAMES}})
 
 
 def test_coco_loads_in_pycocotools_and_round_trips_exactly(run, tmp_path):

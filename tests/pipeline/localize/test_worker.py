@@ -9,17 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.checkpoint import default_config, load_checkpoint, save_checkpoint
+from model.checkpoint import default_config
+from pipeline.data.checkpoints import load_checkpoint, save_checkpoint
 from model.factory import create_model
 from pipeline.localize.rows import RowSettings
-from pipeline.localize.worker import (
-    ShardLocalizer,
-    WorkerSettings,
-    autocast_for,
-    output_counts,
-    prepared_samples,
-    written_by,
-)
+from model.precision import autocast_for
+from pipeline.localize.worker import ShardLocalizer, WorkerSettings, prepared_samples
+from pipeline.results.parquet import output_counts, written_by
 from pipeline.data.reader import read_samples
 from pipeline.localize.messages import ShardJob
 from pipeline.datasets.synthetic import write_synthetic_shards
@@ -102,5 +98,3 @@ def test_bf16_maps_stay_close_and_fp16_needs_cuda(setup, tmp_path):
         autocast_for("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         _localizer(setup, precision="fp16")
-    with pytest.raises(ValueError, match="--precision"):
-        WorkerSettings(precision="int8")

@@ -1,4 +1,4 @@
-"""Component trees of thresholded maps, every threshold in one pass (for ``pipeline.metrics``).
+"""Component trees of thresholded maps, every threshold in one pass (for ``pipeline.evaluation.metrics``).
 
 Numba-compiled, one image at a time; pure functions of arrays. Thresholding a map of
 integer levels at k keeps the pixels of level > k, so going down from the top level the
@@ -38,7 +38,7 @@ def _jit(fn):
         return njit(cache=True, nogil=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         if not _UNCACHED:
-            warnings.warn("pipeline.component_tree: no writable numba cache directory (set NUMBA_CACHE_DIR); "
+            warnings.warn("pipeline.evaluation.component_tree: no writable numba cache directory (set NUMBA_CACHE_DIR); "
                           "the sweep compiles in each process (seconds)", RuntimeWarning, stacklevel=2)
         _UNCACHED.append(fn.__name__)
         return njit(nogil=True)(fn)

@@ -1,4 +1,4 @@
-"""pipeline/metrics.py: hand-computed cases; satloc's sweep against a brute force; the
+"""pipeline/evaluation/metrics.py: hand-computed cases; satloc's sweep against a brute force; the
 wsolevaluation sweep against a transcription of its code that calls OpenCV."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline import metrics
-from pipeline.metrics import BoxSweep
-from pipeline.metrics import PERCENT_TAUS as TAUS  # satloc's sweep_boxes grid
+from pipeline.evaluation import metrics
+from pipeline.evaluation.metrics import BoxSweep
+from pipeline.evaluation.metrics import PERCENT_TAUS as TAUS  # satloc's sweep_boxes grid
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -522,7 +522,7 @@ def test_wsol_component_nested_in_a_hole_is_a_contour_but_never_the_largest():
 def test_fused_levels_equal_quantised_score_maps():
     """``sweep_loc_maps`` quantises in one compiled pass: the same uint8 maps as
     ``quantised(wsol_score_maps(...))``, NaN and constant maps included."""
-    from pipeline import component_tree
+    from pipeline.evaluation import component_tree
 
     rng = np.random.default_rng(5)
     cams = np.concatenate([blobby_cams(200, 5), rng.random((20, 7, 9)).astype(np.float32)[:, :7, :7].repeat(2, 1)

@@ -37,11 +37,11 @@ at once for every threshold:
   from the border, 4-connected). OpenCV lists top-level contours in reverse raster order
   of their first pixel, so on equal areas the component whose first pixel comes last wins.
 
-``tests/pipeline/test_metrics.py`` checks each rule against a transcription of
+``tests/pipeline/evaluation/test_metrics.py`` checks each rule against a transcription of
 wsolevaluation's code that calls OpenCV, box by box.
 
 How it is fast: component trees, not a labelling per threshold
-(``pipeline.component_tree``, compiled with numba, one image at a time). The binary map
+(``pipeline.evaluation.component_tree``, compiled with numba, one image at a time). The binary map
 changes one grey level at a time, so a union-find over the pixels taken in level order
 (a counting sort over the 256 values) holds the components of every threshold in turn;
 each root keeps its box, first pixel and contour area, and at each threshold that some
@@ -65,7 +65,7 @@ process loads the compiled code from numba's cache (under ``pipeline/__pycache__
 101-tau sweep.
 
 ``sweep_boxes`` keeps satloc's earlier rule for the train job's threshold choice
-(``pipeline.val_threshold``): bilinear upsampling, ``score >= tau``, the largest
+(``pipeline.evaluation.threshold``): bilinear upsampling, ``score >= tau``, the largest
 component by pixel count (ties: first pixel in raster order), x1/y1 exclusive, an empty
 foreground gives the whole image; its tree is the same union-find, by pixel count.
 """
@@ -76,7 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import component_tree
+from pipeline.evaluation import component_tree
 
 TAUS = np.arange(0, 1, 0.001)  # wsolevaluation's cam_curve_interval: 0.000, ..., 0.999
 PERCENT_TAUS = np.arange(101) / 100.0  # 0.00, ..., 1.00: sweep_boxes' grid (val_threshold)
@@ -319,7 +319,7 @@ def wsol_iou(boxes: np.ndarray, gts: np.ndarray) -> np.ndarray:
 def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> BoxSweep:
     """IoUs of the thresholded boxes of each score map under satloc's rule, every tau at once.
 
-    The rule of ``pipeline.val_threshold``: foreground ``score >= tau``, 8-connected; the
+    The rule of ``pipeline.evaluation.threshold``: foreground ``score >= tau``, 8-connected; the
     largest component by pixel count (ties: first pixel in raster order); x1/y1
     exclusive; an empty foreground gives the whole image. ``scores``: (n, H, W) float32 in
     [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes on the same grid
