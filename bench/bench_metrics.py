@@ -3,8 +3,10 @@
 In one run, on the same 10,000 random blobby 14 x 14 maps, 224 x 224, both MaxBoxAcc and
 MaxBoxAccV2 (IoU 0.3/0.5/0.7):
 
-- the baseline: satloc's earlier 101-tau sweep (bilinear, ``score >= tau``), a frozen copy
-  in ``bench/metrics_101_baseline.py``;
+- the baseline: satloc's earlier 101-tau sweep (bilinear, ``score >= tau``), read from git
+  history at run time (``pipeline/metrics.py`` at commit ``BASELINE_COMMIT``, the last
+  version of that sweep) into a temporary module: the bench needs the repository's git
+  history;
 - the default sweep now: wsolevaluation's rules, 1,000 taus (``metrics.sweep_loc_maps``);
 
 and their ratio, wall and CPU (the goal: at most 1.5). Both run on ``--workers`` spawned
@@ -18,11 +20,17 @@ small subset, for an equality check and its speed.
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import importlib.util
 import os
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from types import ModuleType
 
 import numpy as np
 
@@ -31,8 +39,38 @@ sys.path.insert(0, ROOT)
 
 from pipeline.evaluation import metrics  # noqa: E402
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import metrics_101_baseline as baseline  # noqa: E402
+# pipeline/metrics.py here is the 101-tau sweep (basins, scipy's connected components),
+# unchanged from 87aff0b until dcc5f71 replaced it with the wsolevaluation sweep.
+BASELINE_COMMIT = "04cc7da"
+BASELINE_PATH = "pipeline/metrics.py"
+BASELINE_MODULE = "satloc_metrics_101_baseline"
+
+
+def load_baseline() -> ModuleType:
+    """The baseline sweep module, from ``git show BASELINE_COMMIT:BASELINE_PATH``.
+
+    Written to a temporary directory put on ``sys.path`` (removed at exit), so that the
+    sweep's spawned workers, which get this process's ``sys.path``, import it too.
+    """
+    spec = f"{BASELINE_COMMIT}:{BASELINE_PATH}"
+    try:
+        source = subprocess.run(
+            ["git", "-C", ROOT, "show", spec], check=True, capture_output=True, text=True
+        ).stdout
+    except FileNotFoundError:
+        sys.exit(f"bench_metrics: the baseline is read from git history ({spec}), but git is not installed")
+    except subprocess.CalledProcessError as err:
+        sys.exit(
+            f"bench_metrics: cannot read the baseline {spec} from git in {ROOT}: {err.stderr.strip()}\n"
+            "Run the bench in a clone of satloc with its history (a shallow clone or a source "
+            "archive lacks that commit: git fetch --unshallow)."
+        )
+    folder = tempfile.mkdtemp(prefix="satloc_bench_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with open(os.path.join(folder, BASELINE_MODULE + ".py"), "w") as f:
+        f.write(source)
+    sys.path.insert(0, folder)
+    return importlib.import_module(BASELINE_MODULE)
 
 
 def blobby_maps(n: int, seed: int = 0, grid: int = 14) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +101,7 @@ def blobby_maps(n: int, seed: int = 0, grid: int = 14) -> tuple[np.ndarray, np.n
 
 
 def _reference():
-    path = os.path.join(ROOT, "tests", "pipeline", "test_metrics.py")
+    path = os.path.join(ROOT, "tests", "pipeline", "evaluation", "test_metrics.py")
     spec = importlib.util.spec_from_file_location("satloc_test_metrics", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -106,11 +144,13 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=20, help="images for the OpenCV comparison")
     args = parser.parse_args()
 
+    baseline = load_baseline()
     maps, gt = blobby_maps(args.images)
     widths = np.full(args.images, 224.0)
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; {args.images} maps 14x14 -> 224x224, "
           f"IoU {metrics.IOU_DELTAS}, {args.workers} worker process(es)")
-    old_s, old_cpu, _ = _timed(f"baseline, {len(baseline.TAUS)} taus (satloc's earlier sweep)", args.images,
+    old_s, old_cpu, _ = _timed(f"baseline, {len(baseline.TAUS)} taus (satloc's earlier sweep, "
+                               f"{BASELINE_COMMIT}:{BASELINE_PATH})", args.images,
                       lambda: baseline.sweep_loc_maps(maps, gt, workers=args.workers))
     gt_frame = metrics.wsol_gt_boxes(list(gt), widths, widths)
     new_s, new_cpu, _ = _timed(f"wsolevaluation sweep, {len(metrics.TAUS)} taus", args.images,

@@ -7,7 +7,7 @@ in decreasing level order (a counting sort), holds the components of every thres
 turn. Each root keeps its component's pixel count, bounding box, first pixel in raster
 order and, where asked, its contour area; at each threshold that is asked for, one walk
 over the live roots gives the figures of that threshold. ``metrics`` documents the rules
-(wsolevaluation's boxes, satloc's earlier ones) that these figures implement.
+(wsolevaluation's boxes, the SAT rule's) that these figures implement.
 
 Pixels live on a grid padded by one pixel on every side (never in the set), so a
 neighbour needs no bounds test; the padded index orders like the raster index. The pixel
@@ -522,7 +522,7 @@ def wsol_sweep(q, needed, gt):
 
 @_jit
 def satloc_sweep(levels, n_taus, gt, whole):
-    """satloc's earlier rule at every tau: ``levels`` (n, h, w) ints in 0 .. n_taus
+    """The SAT box rule at every tau: ``levels`` (n, h, w) ints in 0 .. n_taus
     (foreground at tau k: level > k), ``gt`` (n, G, 4) float64 (x1/y1 exclusive),
     ``whole`` (n,) the IoU of the whole image (the box of an empty foreground).
 

@@ -64,10 +64,15 @@ process loads the compiled code from numba's cache (under ``pipeline/__pycache__
 (seconds) in each process. ``bench/bench_metrics.py`` times it against satloc's earlier
 101-tau sweep.
 
-``sweep_boxes`` keeps satloc's earlier rule for the train job's threshold choice
-(``pipeline.evaluation.threshold``): bilinear upsampling, ``score >= tau``, the largest
-component by pixel count (ties: first pixel in raster order), x1/y1 exclusive, an empty
-foreground gives the whole image; its tree is the same union-find, by pixel count.
+``sweep_boxes`` is the official SAT box rule (DESIGN §5), the one the localize job
+applies (``model.boxes``), for the train job's threshold choice on the val split
+(``pipeline.evaluation.threshold``): ``score_maps`` min-max normalises each map on its
+patch grid, ``(M - min) / (max - min + 1e-5)``, and upsamples it bilinearly (both by
+``model.boxes.normalized_upsampled_maps`` itself); the foreground is ``score > tau``
+(tau as float32, as ``model.boxes`` compares), the largest 8-connected component by pixel
+count (ties: first pixel in raster order), x1/y1 exclusive; an empty foreground gives
+the whole image. Its tree is the same union-find, by pixel count. So the threshold the
+train job stores is chosen under the rule the localize job applies it with.
 """
 from __future__ import annotations
 
@@ -84,53 +89,40 @@ IOU_DELTAS = (0.3, 0.5, 0.7)
 MAXBOXACC_DELTA = 0.5
 EVAL_SIZE = (224, 224)  # (height, width): the model input size, as Choe et al.
 
-# The smallest float32 >= each percent tau: for float32 scores, s >= PERCENT_TAUS[k] <=> s >= _TAUS32[k].
-_TAUS32 = np.where(
-    PERCENT_TAUS.astype(np.float32).astype(np.float64) >= PERCENT_TAUS,
-    PERCENT_TAUS.astype(np.float32),
-    np.nextafter(PERCENT_TAUS.astype(np.float32), np.float32(np.inf)),
-).astype(np.float32)
+# The next float32 above each percent tau as float32: for float32 scores,
+# s > float32(PERCENT_TAUS[k]) <=> s >= _ABOVE32[k].
+_ABOVE32 = np.nextafter(PERCENT_TAUS.astype(np.float32), np.float32(np.inf))
 
 
 # --------------------------------------------------------------------------- score maps
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of 1-D bilinear weights, half-pixel centres, edges clamped."""
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    out = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(out, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(out, (np.arange(n_out), hi), frac)
-    return out
-
-
 def score_maps(loc_maps: np.ndarray, size: tuple[int, int] = EVAL_SIZE) -> np.ndarray:
-    """(n, h, w) maps -> (n, H, W) float32 in [0, 1]: bilinear upsampling, min-max per map."""
+    """(n, h, w) maps -> (n, H, W) float32 in [0, 1): the maps the official SAT rule
+    thresholds, those of ``model.boxes.normalized_upsampled_maps`` (min-max normalised on
+    the patch grid with its 1e-5, then bilinear, align_corners=False); a constant map
+    becomes all zeros. ``size`` is (height, width)."""
     maps = np.asarray(loc_maps, dtype=np.float32)
     if maps.ndim != 3:
         raise ValueError(f"loc_maps must be (n, h, w), got shape {maps.shape}")
-    rows = bilinear_matrix(maps.shape[1], size[0]).astype(np.float32)
-    cols = bilinear_matrix(maps.shape[2], size[1]).astype(np.float32)
-    up = np.einsum("yi,nij,xj->nyx", rows, maps, cols, optimize=True)
-    lo = up.min(axis=(1, 2), keepdims=True)
-    span = up.max(axis=(1, 2), keepdims=True) - lo
-    flat = span <= 1e-12
-    up -= lo
-    up /= np.where(flat, 1.0, span)
-    if flat.any():
-        up[flat[:, 0, 0]] = 0.0
-    return np.ascontiguousarray(up)
+    if len(maps) == 0:
+        return np.zeros((0, *size), dtype=np.float32)
+    # Imported here: the wsolevaluation sweep's spawned workers need neither torch nor model/.
+    import torch
+
+    from model.boxes import normalized_upsampled_maps
+
+    height, width = size
+    up = normalized_upsampled_maps(torch.from_numpy(maps[:, None]), [(width, height)] * len(maps))
+    return np.ascontiguousarray(np.stack(up))
 
 
 def quantise(scores: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> np.ndarray:
-    """Per pixel the number of taus <= score (intp): ``score >= taus[k]`` <=> level > k.
+    """Per pixel the number of taus it lies above (intp): ``score > taus[k]`` <=> level > k.
 
-    The default grid takes a fast path (one multiply, one lookup); extra thresholds
-    merged into it add one comparison each.
+    As ``model.boxes``, the comparison is in float32 (``score > float32(tau)``), so a score
+    equal to a grid tau is not above it. The default grid takes a fast path (one multiply,
+    one lookup); extra thresholds merged into it add one comparison each.
     """
     taus = np.asarray(taus, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float32)
@@ -138,12 +130,14 @@ def quantise(scores: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> np.ndarray:
     if len(extras) + len(PERCENT_TAUS) == len(taus) and s.size:
         if s.min() < 0 or s.max() > 1:
             raise ValueError("scores must lie in [0, 1] (use score_maps)")
-        guess = (s * np.float32(100.0)).astype(np.intp)  # floor, within one of the answer
-        level = guess + (s >= _TAUS32[guess])
+        # guess = 100 s within rounding: the grid taus before taus[guess] are all below s
+        # and those after it all above, so only taus[guess] needs a comparison.
+        guess = (s * np.float32(100.0)).astype(np.intp)
+        level = guess + (s >= _ABOVE32[guess])
         for tau in extras:
-            level += s >= tau
+            level += s > np.float32(tau)
         return level
-    return np.searchsorted(taus, s, side="right").astype(np.intp)
+    return np.searchsorted(taus.astype(np.float32), s, side="left").astype(np.intp)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -313,17 +307,19 @@ def wsol_iou(boxes: np.ndarray, gts: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-# --------------------------------------------------------------------------- satloc's sweep
+# --------------------------------------------------------------------------- the SAT rule's sweep
 
 
 def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = PERCENT_TAUS) -> BoxSweep:
-    """IoUs of the thresholded boxes of each score map under satloc's rule, every tau at once.
+    """IoUs of the thresholded boxes of each score map under the SAT rule, every tau at once.
 
-    The rule of ``pipeline.evaluation.threshold``: foreground ``score >= tau``, 8-connected; the
-    largest component by pixel count (ties: first pixel in raster order); x1/y1
-    exclusive; an empty foreground gives the whole image. ``scores``: (n, H, W) float32 in
-    [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes on the same grid
-    (``gt_boxes_to_eval``); ``taus`` strictly increasing.
+    The rule ``model.boxes`` applies (module docstring): foreground ``score > tau`` (in
+    float32), 8-connected; the largest component by pixel count (ties: first pixel in
+    raster order); x1/y1 exclusive; an empty foreground gives the whole image. So
+    ``largest_iou[i, k]`` is the IoU of the box ``model.boxes.boxes_from_maps`` gives at
+    ``taus[k]`` for an image of the score map's size (the Parquet primary box).
+    ``scores``: (n, H, W) float32 in [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes
+    on the same grid (``gt_boxes_to_eval``); ``taus`` strictly increasing.
     """
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     taus = np.asarray(taus, dtype=np.float64)
@@ -338,7 +334,7 @@ def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = PERC
     if scores.min() < 0 or scores.max() > 1:
         raise ValueError("scores must lie in [0, 1] (use score_maps)")
     whole_iou = box_iou(np.array([0.0, 0.0, w, h]), gt_eval).max(axis=-1)
-    levels = quantise(scores, taus)  # foreground at taus[k]: level > k
+    levels = quantise(scores, taus)  # foreground at taus[k] (score > tau): level > k
     largest, best = component_tree.satloc_sweep(levels, n_taus, np.asarray(gt_eval, dtype=np.float64), whole_iou)
     return BoxSweep(taus, largest.astype(np.float32), best.astype(np.float32))
 

@@ -1,12 +1,16 @@
 """Choosing the box threshold on a labelled validation split (DESIGN §5, §6).
 
-The sweep itself is ``pipeline.evaluation.metrics.sweep_boxes`` (maps upsampled to the model input
-size and min-max normalised, GT boxes scaled to it, every tau at once). This module turns
-its per-image IoUs into *counts summed over images*, so batches and Ray Train ranks add
-them up (one all-reduce) before a threshold is chosen:
+The sweep itself is ``pipeline.evaluation.metrics.sweep_boxes``, every tau at once, under
+the official SAT box rule that the localize job applies with the chosen threshold
+(``model.boxes``): each map min-max normalised on its patch grid (with the 1e-5), upsampled
+bilinearly to the model input size, foreground ``> tau``, the largest 8-connected
+component's box; GT boxes are scaled to the input size. This module turns its per-image
+IoUs into *counts summed over images*, so batches and Ray Train ranks add them up (one
+all-reduce) before a threshold is chosen:
 
-- ``gt_known[t]``: images whose largest component's box has IoU >= 0.5 with the
-  best-matching GT box (the SAT paper's GT-known Loc, given the true class);
+- ``gt_known[t]``: images whose largest component's box (the SAT rule's box at that
+  threshold, in the input frame) has IoU >= 0.5 with the best-matching GT box (the SAT paper's GT-known
+  Loc, given the true class);
 - ``box_hits[d, t]``: images where *some* component's box reaches IoU >= delta_d with
   some GT box (Choe et al.'s BoxAcc with every component a box), delta in 0.3/0.5/0.7.
 

@@ -1,5 +1,6 @@
-"""pipeline/evaluation/metrics.py: hand-computed cases; satloc's sweep against a brute force; the
-wsolevaluation sweep against a transcription of its code that calls OpenCV."""
+"""pipeline/evaluation/metrics.py: hand-computed cases; the SAT rule's sweep against a brute force
+and against model.boxes; the wsolevaluation sweep against a transcription of its code that
+calls OpenCV."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ from scipy import ndimage
 
 from pipeline.evaluation import metrics
 from pipeline.evaluation.metrics import BoxSweep
-from pipeline.evaluation.metrics import PERCENT_TAUS as TAUS  # satloc's sweep_boxes grid
+from pipeline.evaluation.metrics import PERCENT_TAUS as TAUS  # the SAT rule's sweep_boxes grid
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -25,13 +26,14 @@ def _ref_iou(box, gt) -> float:
 
 
 def brute_force_sweep(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Plain loops: one ndimage.label per image per tau. Returns (largest_iou, best_iou)."""
+    """Plain loops: one ndimage.label per image per tau, foreground ``score > tau`` in
+    float32 (as model.boxes compares). Returns (largest_iou, best_iou)."""
     n, h, w = scores.shape
     largest = np.zeros((n, len(taus)))
     best = np.zeros((n, len(taus)))
     for i in range(n):
         for k, tau in enumerate(taus):
-            labels, count = ndimage.label(scores[i] >= tau, structure=EIGHT)
+            labels, count = ndimage.label(scores[i] > np.float32(tau), structure=EIGHT)
             comps = []  # (-area, label, box): labels follow the raster order of first pixels
             for j, sl in enumerate(ndimage.find_objects(labels)):
                 area = int((labels[sl] == j + 1).sum())
@@ -65,7 +67,7 @@ def test_sweep_matches_brute_force_on_random_upsampled_maps(seed):
     rng = np.random.default_rng(seed)
     grid = (4, 7, 14, 14)[seed]
     maps = rng.integers(0, 256, (5, grid, grid), dtype=np.uint8)
-    maps[0] = 9  # a flat map: empty foreground above tau 0, the whole image as box
+    maps[0] = 9  # a flat map: all zeros, nothing > tau at any tau, the whole image as box
     scores = metrics.score_maps(maps, (48, 40))
     _assert_same(scores, _random_gt(rng, 5, 48, 40))
 
@@ -88,6 +90,17 @@ def test_sweep_matches_brute_force_on_thin_images(shape):
     scores = (rng.integers(0, 4, (5, *shape)) / 3).astype(np.float32)
     scores[1:3] = rng.random((2, *shape))
     _assert_same(scores, _random_gt(rng, 5, max(shape[0], 2), max(shape[1], 2)))
+
+
+def test_sweep_matches_brute_force_on_scores_exactly_at_grid_taus():
+    """Scores equal to a grid tau (as float32) and one float32 step either side: the
+    strict rule leaves a pixel out at its own tau and takes it in at the tau below."""
+    rng = np.random.default_rng(11)
+    grid32 = TAUS.astype(np.float32)
+    values = np.concatenate([grid32, np.nextafter(grid32, np.float32(0)), np.nextafter(grid32, np.float32(1))])
+    scores = rng.choice(np.clip(values, 0, 1), (4, 17, 13)).astype(np.float32)
+    scores[0] = rng.choice(grid32[[30, 40, 41]], (17, 13))  # three plateaus exactly at grid values
+    _assert_same(scores, _random_gt(rng, 4, 17, 13, count=3))
 
 
 def test_sweep_matches_brute_force_at_224_with_extra_thresholds():
@@ -113,21 +126,25 @@ def test_hand_case_largest_and_best_component():
     gt = np.array([[[1.0, 1.0, 4.0, 4.0]]])  # exactly blob A
     sweep = metrics.sweep_boxes(_two_blobs(), gt)
     at = {round(t, 2): k for k, t in enumerate(sweep.taus)}
-    # tau 0: everything is foreground, the box is the whole image: IoU 9/100.
-    assert sweep.largest_iou[0, at[0.0]] == pytest.approx(0.09)
-    assert sweep.best_iou[0, at[0.0]] == pytest.approx(0.09)
-    # tau 0.5: both blobs; B is larger (IoU 0 with A's box) but A is a component (IoU 1).
-    assert sweep.largest_iou[0, at[0.5]] == 0.0
-    assert sweep.best_iou[0, at[0.5]] == 1.0
-    # tau 0.6 still has B (score >= tau); tau 0.61 only A.
-    assert sweep.largest_iou[0, at[0.6]] == 0.0
-    assert sweep.largest_iou[0, at[0.61]] == 1.0
-    assert sweep.largest_iou[0, at[1.0]] == 1.0
+    # Foreground is score > tau. tau 0: the zero background is not > 0, so the
+    # foreground is A (9 px) and B (15 px); B is larger (IoU 0 with A's box), A is a
+    # component (IoU 1). The same at tau 0.5 and 0.59 (0.6 > 0.59).
+    for tau in (0.0, 0.5, 0.59):
+        assert sweep.largest_iou[0, at[tau]] == 0.0
+        assert sweep.best_iou[0, at[tau]] == 1.0
+    # tau 0.6: B's 0.6 is not > 0.6 (the same float32), so only A: IoU 1, up to 0.99.
+    assert sweep.largest_iou[0, at[0.6]] == 1.0
+    assert sweep.largest_iou[0, at[0.99]] == 1.0
+    # tau 1: A's 1.0 is not > 1, the foreground is empty: the whole 10 x 10 image, IoU 9/100.
+    assert sweep.largest_iou[0, at[1.0]] == pytest.approx(0.09)
+    assert sweep.best_iou[0, at[1.0]] == pytest.approx(0.09)
+    # MaxBoxAcc (IoU 0.5): 0 for taus 0 .. 0.59, 100 for 0.6 .. 0.99, 0 at 1: the first is 0.6.
     value, tau = metrics.max_box_acc(sweep)
-    assert (value, tau) == (100.0, 0.61)
+    assert (value, tau) == (100.0, 0.6)
+    # best IoU is 1 for taus 0 .. 0.99: each delta's own best tau is the first, 0.
     v2, by_delta = metrics.max_box_acc_v2(sweep)
     assert v2 == 100.0
-    assert by_delta[0.3] == (100.0, 0.01)  # each delta its own best tau: the first that reaches it
+    assert by_delta == {0.3: (100.0, 0.0), 0.5: (100.0, 0.0), 0.7: (100.0, 0.0)}
 
 
 def test_hand_case_diagonal_pixels_are_one_component():
@@ -158,13 +175,13 @@ def test_hand_case_ties_pick_the_first_component_in_raster_order():
         s3[0, i, 8 - i] = 1.0  # A: a diagonal of 9 px from (0, 8) to (8, 0)
     gt3 = np.array([[[1.0, 0.0, 6.0, 2.0]]])
     assert metrics.sweep_boxes(s3, gt3, np.array([0.5])).largest_iou[0, 0] == 1.0
-    labels, count = ndimage.label(s3[0] >= 0.5, structure=EIGHT)
+    labels, count = ndimage.label(s3[0] > 0.5, structure=EIGHT)
     assert count == 2 and np.bincount(labels.ravel())[1:].tolist() == [9, 9]
 
 
 def test_flat_map_gives_the_whole_image_and_best_gt_box_counts():
     scores = metrics.score_maps(np.full((1, 14, 14), 77, dtype=np.uint8))
-    assert not scores.any()
+    assert not scores.any()  # all zeros: nothing is > tau, not even at tau 0
     gt = np.array([[[0.0, 0.0, 112.0, 224.0], [0.0, 0.0, 224.0, 224.0]]])  # the second covers the image
     sweep = metrics.sweep_boxes(scores, gt)
     assert np.all(sweep.largest_iou == 1.0) and np.all(sweep.best_iou == 1.0)
@@ -198,25 +215,88 @@ def test_pxap_by_hand():
     assert metrics.PxapAccumulator().value() is None
 
 
-def test_quantise_equals_searchsorted_including_grid_values():
+def _taus_below(s: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """The definition: per score, how many taus it is > (in float32, as model.boxes)."""
+    return (s[:, None] > taus.astype(np.float32)[None, :]).sum(axis=1)
+
+
+def test_quantise_counts_the_taus_strictly_below_including_grid_values():
     rng = np.random.default_rng(0)
-    s = np.concatenate([rng.random(20000), TAUS, np.nextafter(TAUS, -1), [0.0, 1.0]]).astype(np.float32)
+    grid32 = TAUS.astype(np.float32)
+    s = np.concatenate([
+        rng.random(20000), TAUS, grid32, np.nextafter(grid32, np.float32(-1)), np.nextafter(grid32, np.float32(2)),
+        [0.0, 1.0],
+    ]).astype(np.float32)
     s = np.clip(s, 0, 1)
-    np.testing.assert_array_equal(metrics.quantise(s), np.searchsorted(TAUS, s, side="right"))
+    np.testing.assert_array_equal(metrics.quantise(s), _taus_below(s, TAUS))
     taus = np.union1d(TAUS, [0.333, 0.777])
-    np.testing.assert_array_equal(metrics.quantise(s, taus), np.searchsorted(taus, s, side="right"))
+    np.testing.assert_array_equal(metrics.quantise(s, taus), _taus_below(s, taus))
+    odd = np.array([0.005, 0.4, 0.41, 0.9])  # off the default grid: the general path
+    np.testing.assert_array_equal(metrics.quantise(s, odd), _taus_below(s, odd))
+    # By hand: 0.4 (as float32) is above 0.00 .. 0.39 (40 taus), not above 0.40; the
+    # next float32 up is above 0.40 too; 0 is above none; 1 above 0.00 .. 0.99 (100).
+    four = np.float32(0.4)
+    by_hand = np.array([four, np.nextafter(four, np.float32(1)), 0, 1], np.float32)
+    assert metrics.quantise(by_hand).tolist() == [40, 41, 0, 100]
+    # The comparison is in float32: 0.3 as float32 (0.30000001...) is above the double 0.3
+    # but not above tau 0.3, as model.boxes compares (the box rule's > float32(threshold)).
+    three = np.float32(0.3)
+    assert float(three) > 0.3 and metrics.quantise(np.array([three]), np.array([0.3])).tolist() == [0]
+    assert metrics.quantise(np.array([three])).tolist() == [30]  # above 0.00 .. 0.29
 
 
-def test_score_maps_match_the_pipelines_upsampling():
+def test_score_maps_are_the_sat_rules_maps():
+    """The maps the threshold is chosen on are model.boxes' own: normalised on the patch
+    grid with the 1e-5, then upsampled (not upsampled, then normalised)."""
     import torch
 
     from model.boxes import normalized_upsampled_maps
 
-    maps = np.random.default_rng(1).integers(0, 256, (3, 14, 14), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    maps = rng.integers(0, 256, (3, 14, 14), dtype=np.uint8)
     ours = metrics.score_maps(maps)
     theirs = normalized_upsampled_maps(torch.from_numpy(maps[:, None].astype(np.float32)), [(224, 224)] * 3)
-    np.testing.assert_allclose(ours, np.stack(theirs), atol=1e-5)
-    assert ours.min() == 0.0 and ours.max() == 1.0
+    np.testing.assert_array_equal(ours, np.stack(theirs))
+    # In [0, 1): the grid max becomes (max - min) / (max - min + 1e-5); bilinear stays in between.
+    assert ours.dtype == np.float32 and ours.min() >= 0.0 and ours.max() < 1.0
+    # Another size, (height, width) here and (width, height) there, float maps.
+    floats = rng.random((2, 7, 9)).astype(np.float32)
+    theirs = normalized_upsampled_maps(torch.from_numpy(floats[:, None]), [(40, 48)] * 2)
+    np.testing.assert_array_equal(metrics.score_maps(floats, (48, 40)), np.stack(theirs))
+    # Upsampling first, then normalising (the rule this sweep used before) gives other maps.
+    up = torch.nn.functional.interpolate(torch.from_numpy(floats[:, None]), size=(48, 40), mode="bilinear")
+    lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
+    assert not np.allclose(((up - lo) / (hi - lo))[:, 0].numpy(), metrics.score_maps(floats, (48, 40)), atol=1e-4)
+    assert metrics.score_maps(np.zeros((0, 14, 14))).shape == (0, 224, 224)
+
+
+def _smooth_maps(rng, n: int, grid: tuple[int, int]) -> np.ndarray:
+    """Random maps with a few blobs (several components at mid thresholds)."""
+    noise = rng.random((n, *grid))
+    return np.stack([ndimage.gaussian_filter(m, sigma=1.0) for m in noise]).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (40, 48), (96, 160)])
+def test_sweep_largest_box_is_the_localize_jobs_box(size):
+    """At every tau, sweep_boxes' largest component is model.boxes.boxes_from_maps' box at
+    that threshold (the Parquet primary box): with that box as the GT, IoU 1 exactly.
+    (224, 224) and (96, 160) take boxes_from_maps' run path, (40, 48) its pixel path."""
+    import torch
+
+    from model.boxes import boxes_from_maps
+
+    rng = np.random.default_rng(size[1])
+    maps = _smooth_maps(rng, 12, (14, 14))
+    maps[11] = 0.5  # constant: no foreground at any tau, the whole image
+    height, width = size
+    scores = metrics.score_maps(maps, size)
+    for tau in np.union1d(TAUS, [0.375]):  # the grid the train job sweeps, and one off it
+        primary = boxes_from_maps(torch.from_numpy(maps[:, None]), [(width, height)] * len(maps), float(tau))
+        gt = np.stack([b[:1, :4].numpy().astype(np.float64) for b in primary])  # (n, 1, 4)
+        assert np.all(gt[:, 0, 2] > gt[:, 0, 0]) and np.all(gt[:, 0, 3] > gt[:, 0, 1])  # IoU 1 only for equal boxes
+        sweep = metrics.sweep_boxes(scores, gt, np.array([tau]))
+        np.testing.assert_array_equal(sweep.largest_iou[:, 0], 1.0, err_msg=f"tau {tau}")
+    np.testing.assert_array_equal(gt[11, 0], [0, 0, width, height])
 
 
 def test_gt_boxes_are_scaled_to_the_evaluation_grid_and_padded():

@@ -185,23 +185,34 @@ def test_threshold_choice_from_summed_counts():
     size = 32
     taus = tau_grid(0.05)
     # A bright 3x3-cell block and, two cells away, a dimmer 2x2-cell block (4 px a cell).
+    # The SAT rule: normalised on the grid (big 1 / (1 + 1e-5) ~ 0.99999, small ~ 0.499995),
+    # upsampled x4 (per axis, the big block's pixels 2 .. 17 weigh .125 .375 .625 .875
+    # 1 x 8 .875 .625 .375 .125; the small one's 22 .. 31 weigh .125 .375 .625 .875 1 x 6),
+    # foreground > tau. GT: image 0 the big block's cells [4, 4, 16, 16] (144 px), image 1
+    # the small one's [24, 24, 32, 32] (64 px).
     loc = torch.zeros(2, 1, 8, 8)
     loc[:, 0, 1:4, 1:4] = 1.0
     loc[:, 0, 6:8, 6:8] = 0.5
     gt = [np.array([[4.0, 4.0, 16.0, 16.0]]), np.array([[24.0, 24.0, 32.0, 32.0]])]
     counts = count_hits(loc[:1], gt[:1], size, taus) + count_hits(loc[1:], gt[1:], size, taus)
     assert counts.images == 2
-    # At 0.7 the only component is the big block: image 0 hits, image 1 not.
+    # At 0.7 the only component is the big block's pixels weighing > 0.7 (.875 x .875 too):
+    # [5, 5, 15, 15], IoU 100/144 = 0.69 with image 0's box, 0 with image 1's.
     assert counts.gt_known[taus.tolist().index(0.7)] == 1
     assert counts.box_hits[:, taus.tolist().index(0.7)].tolist() == [1, 1, 0]
-    # At tau 0 the box is the whole image: no hit.
-    assert counts.gt_known[0] == 0 and counts.box_hits[:, 0].tolist() == [0, 0, 0]
-    # At 0.3 both blocks are components: the largest fits image 0, some box fits each image.
+    # At tau 0 the zeros are not > 0: both blocks, blurred: the big one [2, 2, 18, 18]
+    # (256 px, the largest; IoU 144/256 = 0.56 for image 0), the small one [22, 22, 32, 32]
+    # (IoU 64/100 for image 1): IoU >= 0.3 and 0.5 for each image, 0.7 for none.
+    assert counts.gt_known[0] == 1 and counts.box_hits[:, 0].tolist() == [2, 2, 0]
+    # At 0.3: big [3, 3, 17, 17] (IoU 144/196 = 0.73), small > 0.3 where its weight > 0.6:
+    # [24, 24, 32, 32], image 1's box exactly; the largest (big) fits image 0 only.
     assert counts.gt_known[taus.tolist().index(0.3)] == 1
     assert counts.box_hits[:, taus.tolist().index(0.3)].tolist() == [2, 2, 2]
+    # At 1 nothing is > 1 (the top is 0.99999): the whole image, IoU 144/1024 and 64/1024.
+    assert counts.gt_known[-1] == 0 and counts.box_hits[:, -1].tolist() == [0, 0, 0]
     chosen = choose_threshold(counts, "gt_known")
     assert chosen["gt_known_loc"] == 50.0
-    assert chosen["threshold"] == 0.05  # the smallest tau reaching the best (IoU 0.56 there)
+    assert chosen["threshold"] == 0.0  # the smallest tau reaching the best (IoU 0.56 there)
     v2 = choose_threshold(counts, "maxboxacc_v2")
     assert v2["maxboxacc_v2"] == 100.0 and 0.0 < v2["threshold"] <= 0.5
     # The vector form survives an all-reduce (a sum) of two halves.
