@@ -248,7 +248,7 @@ def run_two_ranks(
     for path in outs:
         with open(path) as f:
             per_rank.append(json.load(f))
-    grads = [torch.load(path + ".grads.pt") for path in outs]
+    grads = [torch.load(path + ".grads.pt", weights_only=True) for path in outs]
     return list(zip(*per_rank)), list(zip(*grads))
 
 
