@@ -4,6 +4,10 @@ Prints (never pass/fail):
 1. img/s of SAT DeiT-S (200 classes) and timm's plain ``deit_small_patch16_224`` (200
    classes) at 224 px, same batch and threads, fp32 and bf16 autocast, and the time ratio
    (target: SAT <= 1.10 x DeiT in bf16).
+1b. The same for the self-supervised / newer backbones: SAT on DINOv2-S/B (with and without
+   registers) and DeiT III-S against timm's plain model of the same layout at 224 px
+   (``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``, ``deit3_small_patch16_224``;
+   target: SAT <= 1.05 x the backbone in bf16).
 2. Box extraction time per image: ``boxes_from_maps`` on batches of 14 x 14 maps for images
    of random sizes around 300-500 px, against the official per-image path (per image: min-max
    normalise on the grid, torch bilinear resize, ``>`` threshold, ``skimage.measure.label`` with
@@ -14,7 +18,8 @@ Prints (never pass/fail):
 The machine is shared, so timing noise is real: the variants run interleaved in repeated
 rounds (alternating which goes first) and the figures are medians over rounds.
 
-    python bench/bench_model.py [--quick] [--threads N] [--batch 32] [--rounds R] [--only model|boxes]
+    python bench/bench_model.py [--quick] [--threads N] [--batch 32] [--rounds R]
+                                [--only model|backbones|boxes] [--backbones dinov2_small_patch14 ...]
 """
 from __future__ import annotations
 
@@ -36,6 +41,15 @@ from model import boxes_from_maps, create_model  # noqa: E402
 from model.precision import autocast_for, native_bf16_cpu  # noqa: E402
 
 SAT_TARGET = 1.10  # SAT time / DeiT time in bf16, at most
+BACKBONE_TARGET = 1.05  # SAT time / its plain timm backbone's time in bf16, at most (1b)
+# Our backbone name -> timm's plain model of the same layout.
+TIMM_BACKBONES = {
+    "dinov2_small_patch14": "vit_small_patch14_dinov2",
+    "dinov2_small_patch14_reg4": "vit_small_patch14_reg4_dinov2",
+    "dinov2_base_patch14": "vit_base_patch14_dinov2",
+    "dinov2_base_patch14_reg4": "vit_base_patch14_reg4_dinov2",
+    "deit3_small_patch16_224": "deit3_small_patch16_224",
+}
 BOX_SPEEDUP_TARGET = 5.0  # official per-image time / boxes_from_maps time, at least
 BOX_SHARE_TARGET = 0.02  # boxes_from_maps time / DeiT-S bf16 model time per image, under
 
@@ -100,6 +114,42 @@ def bench_models(
             flush=True,
         )
     return results
+
+
+def bench_backbone_ratios(
+    backbones: list[str], batch: int, rounds: int, warmup: int, precisions: list[str]
+) -> dict[str, dict[str, float]]:
+    """Per backbone and precision: SAT / plain timm model wall-time ratio (medians, interleaved)."""
+    ratios: dict[str, dict[str, float]] = {}
+    x = torch.randn(batch, 3, 224, 224)
+    for backbone in backbones:
+        torch.manual_seed(0)
+        models = {
+            "SAT": create_model(f"sat_{backbone}", 200).eval(),
+            "timm": timm.create_model(TIMM_BACKBONES[backbone], pretrained=False, num_classes=200, img_size=224).eval(),
+        }
+        ratios[backbone] = {}
+        for precision in precisions:
+            for model in models.values():
+                for _ in range(warmup):
+                    timed_forward(model, x, precision)
+            wall: dict[str, list[float]] = {name: [] for name in models}
+            cpu: dict[str, list[float]] = {name: [] for name in models}
+            for r in range(rounds):
+                for name in models if r % 2 == 0 else reversed(models):
+                    w, c = timed_forward(models[name], x, precision)
+                    wall[name].append(w)
+                    cpu[name].append(c)
+            sat, ref = statistics.median(wall["SAT"]), statistics.median(wall["timm"])
+            cpu_ratio = statistics.median(cpu["SAT"]) / statistics.median(cpu["timm"])
+            ratios[backbone][precision] = sat / ref
+            verdict = ""
+            if precision == "bf16":
+                verdict = f" (target <= {BACKBONE_TARGET:.2f}: {'met' if sat / ref <= BACKBONE_TARGET else 'MISSED'})"
+            print(f"  {backbone:<26} {precision:>4}: SAT {batch / sat:6.1f} img/s, {TIMM_BACKBONES[backbone]} "
+                  f"{batch / ref:6.1f} img/s; SAT/backbone wall time {sat / ref:.3f}{verdict}, CPU time "
+                  f"{cpu_ratio:.3f}", flush=True)
+    return ratios
 
 
 # ---------------------------------------------------------------- 2. boxes
@@ -188,7 +238,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, quick 2)")
     parser.add_argument("--box-batches", type=int, default=None, help="batches of maps (default 8, quick 3)")
     parser.add_argument("--threshold", type=float, default=0.4)
-    parser.add_argument("--only", choices=["model", "boxes"], default=None)
+    parser.add_argument("--only", choices=["model", "backbones", "boxes"], default=None)
+    parser.add_argument("--backbones", nargs="+", default=list(TIMM_BACKBONES), choices=list(TIMM_BACKBONES),
+                        help="for 1b (default: all)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     box_batches = args.box_batches or (3 if args.quick else 8)
@@ -211,6 +263,10 @@ def main() -> None:
         deit_per_image = {p: results[p]["DeiT"] / args.batch for p in results}
         verdict = "met" if ratio <= SAT_TARGET else "MISSED"
         print(f"  bf16 SAT/DeiT wall time ratio {ratio:.3f} (target <= {SAT_TARGET:.2f}: {verdict})")
+    if args.only in (None, "backbones"):
+        print(f"\n1b. Forward, SAT on other backbones against timm's plain model, 224 px, 200 classes, "
+              f"batch {args.batch} (median over rounds)")
+        bench_backbone_ratios(args.backbones, args.batch, rounds, warmup=1, precisions=["bf16", "fp32"])
     if args.only in (None, "boxes"):
         if not deit_per_image:
             print("\n   (measuring DeiT-S alone for the share figure)")

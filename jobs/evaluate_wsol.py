@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.evaluation.evaluate import PROTOCOLS, evaluate_run, format_table  # noqa: E402
-from pipeline.data.storage import write_bytes_atomic  # noqa: E402
+from pipeline.data.storage import StorageError, write_bytes_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,13 +59,23 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             protocol=args.protocol,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # FileNotFoundError, PermissionError, ... naming the file
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing was written", file=sys.stderr)
+        return 130
     text = json.dumps(result, indent=2)
     print(format_table(result))
     if args.output:
-        write_bytes_atomic(args.output, (text + "\n").encode())
+        try:
+            write_bytes_atomic(args.output, (text + "\n").encode())
+        except OSError as e:
+            print(f"error: --output {args.output}: cannot write: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}")
     else:
         print(text)

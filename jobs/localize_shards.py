@@ -8,7 +8,8 @@
 Rerunning with the same --run-id (or the same spec, model and settings, which give the
 same default id) resumes: done shards are skipped, new shards are processed.
 Exit codes: 0 all shards done, 1 a shard failed after its retries (the manifest names
-it), 2 bad input (nothing was written).
+it) or the manifest could not be written, 2 bad input (nothing was written), 130
+interrupted by Ctrl-C (shards already written are whole and a rerun skips them; no manifest).
 """
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except ActorStartError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except OSError as e:  # the manifest, after the shards (whose outcome was printed)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): shards written so far are whole and a rerun with the same --run-id "
+              "skips them; no manifest was written", file=sys.stderr, flush=True)
+        return 130
     return summary.exit_code
 
 

@@ -69,7 +69,8 @@ FLAGS = (
     ("spatial_loss_ramp", "epochs over which they ramp to full weight", {}),
     ("backbone_lr_scale", "the backbone's lr as a fraction of the token's and head's", {}),
     ("freeze", "token: only the spatial token, its position embedding, the head and the re-weighted blocks "
-     "train", dict(choices=FREEZE_MODES)),
+     "train; backbone: only the spatial token, its position embedding and the head train (a frozen "
+     "backbone, e.g. DINOv2)", dict(choices=FREEZE_MODES)),
     ("images_per_class", "few-shot: the first N keys of each class (sorted)", {}),
     ("num_workers", "", {}),
     ("use_gpu", "", {}),

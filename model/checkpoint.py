@@ -60,7 +60,10 @@ def load_checkpoint_bytes(
             f"were expected: use a checkpoint trained on the same class list"
         )
     model = create_model(config["model"], config["num_classes"], **config.get("model_kwargs", {}))
-    state = load_safetensors(data)
+    try:
+        state = load_safetensors(data)
+    except Exception as e:  # safetensors' SafetensorError names no file
+        raise ValueError(f"{source}: not a readable safetensors file ({e}); copy or export it again") from None
     model.load_state_dict(state, strict=True)
     model.eval()
     config["sha256"] = fingerprint(data)
@@ -94,6 +97,48 @@ def _validate_config(config: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: {len(names)} class names for {config['num_classes']} classes")
 
 
+def check_weights(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
+    """The config, after checking without loading them that the weights are whole and fit it.
+
+    ValueError naming ``source``: a file cut short (the header promises more bytes than there
+    are), or tensors whose names or shapes differ from the model the config describes (e.g.
+    5-class weights under a 10-class config). The model is built on the meta device: no memory.
+    """
+    import torch
+
+    config = read_config(data, source)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_len])
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ValueError(f"{source}: the safetensors header is malformed; export the checkpoint again") from None
+    if len(data) < 8 + header_len + end:
+        raise ValueError(
+            f"{source} is truncated: {len(data):,} bytes, its header needs {8 + header_len + end:,}; "
+            "the file was cut while copying or writing: copy or export it again"
+        )
+    with torch.device("meta"):
+        model = create_model(config["model"], config["num_classes"], **config.get("model_kwargs", {}))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k}: missing" for k in expected if k not in shapes]
+    problems += [f"{k}: not in the model" for k in shapes if k not in expected]
+    problems += [
+        f"{k}: shape {list(shapes[k])} in the file, {list(v)} for the config"
+        for k, v in expected.items() if k in shapes and shapes[k] != v
+    ]
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"{source}: the weights do not match the checkpoint's config (model {config['model']}, "
+            f"{config['num_classes']} classes): {listed}. Export weights and config together "
+            "(pipeline.data.checkpoints.save_checkpoint)"
+        )
+    return config
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """DDP / torch.compile wrappers hold the real module under ``module`` / ``_orig_mod``."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -106,4 +151,7 @@ def fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["checkpoint_bytes", "default_config", "fingerprint", "load_checkpoint_bytes", "read_config", "unwrap_model"]
+__all__ = [
+    "check_weights", "checkpoint_bytes", "default_config", "fingerprint", "load_checkpoint_bytes", "read_config",
+    "unwrap_model",
+]

@@ -1,8 +1,12 @@
 """Seeding a model with foreign weights, through one filter function.
 
-Accepted: timm DeiT state dicts, the official DeiT ``.pth`` (weights under ``model``),
-official SAT release checkpoints (``loc_token``, ``loc_embed``, a conv ``head``) and satloc
-checkpoints of either method (a CAM model's backbone seeds a SAT model). Pickled files are
+Accepted: timm state dicts of the backbones (DeiT, DINOv2 with or without registers,
+DeiT III), the official DeiT / DeiT III ``.pth`` (weights under ``model``; DeiT III's
+``gamma_1``/``gamma_2`` become ``ls1.gamma``/``ls2.gamma``), the official DINOv2 release
+(``mask_token``, ``register_tokens``, a position embedding that includes the cls position;
+converted as timm converts it), official SAT release checkpoints (``loc_token``,
+``loc_embed``, a conv ``head``) and satloc checkpoints of either method (a CAM model's
+backbone seeds a SAT model). Pickled files are
 only opened with ``torch.load(weights_only=True)``: a file that needs arbitrary code is refused.
 
 What was not taken over is said, never silent: :func:`load_pretrained_into` returns a
@@ -15,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -93,10 +98,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module, report: PretrainedReport) -> dict[str, torch.Tensor]:
     """:func:`checkpoint_filter_fn`, noting in ``report`` what it drops and resizes."""
-    state_dict = state_dict.get("model", state_dict)
-    state_dict = state_dict.get("state_dict", state_dict)
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = _unwrap(state_dict)
+    if "mask_token" in state_dict or "register_tokens" in state_dict:
+        state_dict = _convert_dinov2(state_dict)
     own = model.state_dict()
+    _check_register_tokens(state_dict, model)
     head = state_dict.get("head.weight")
     conv_head = head is not None and head.ndim == 4  # official SAT: head is the conv itself
     out: dict[str, torch.Tensor] = {}
@@ -112,7 +118,7 @@ def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module, report: Pretr
         if key == "pos_embed":
             resized = _resize_pos_embed(value, model)
             if resized is not value:
-                old = int(round((value.shape[1] - model.num_prefix_tokens) ** 0.5))
+                old = int(round((value.shape[1] - _embedded_prefix(model)) ** 0.5))
                 report.pos_embed_resized = ((old, old), tuple(model.grid))
             value = resized
         elif key in ("spatial_token", "spatial_pos_embed") and value.ndim == 2:
@@ -131,12 +137,73 @@ def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module, report: Pretr
     return out
 
 
+def _unwrap(state_dict: dict) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under their plain names, from the wrappers releases use:
+    ``model`` / ``state_dict`` / ``teacher`` (a DINOv2 training checkpoint), ``module.``
+    (DDP) and ``backbone.`` prefixes, DINOv2's chunked blocks (``blocks.0.3.`` ->
+    ``blocks.3.``) and DeiT III's ``gamma_1`` / ``gamma_2``."""
+    for wrapper in ("model", "state_dict", "teacher"):
+        inner = state_dict.get(wrapper)
+        if isinstance(inner, dict):
+            state_dict = inner
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").removeprefix("backbone.")
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
+        key = re.sub(r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma", key)
+        out[key] = value
+    return out
+
+
+def _convert_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official DINOv2 release -> timm's layout (as timm's ``_convert_dinov2``).
+
+    The masking token is for pre-training only. With registers, the official model adds
+    the cls position to the cls token and gives the registers no position: timm keeps the
+    position embedding for the patches only (``no_embed_class``) and folds the cls
+    position into the cls token, which computes the same tokens.
+    """
+    out = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        pos_embed = out.pop("pos_embed")
+        out["cls_token"] = out.pop("cls_token") + pos_embed[:, :1]
+        out["pos_embed"] = pos_embed[:, 1:]
+    return out
+
+
+def _check_register_tokens(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Registers in the checkpoint but not in the model, or the other way: the wrong backbone."""
+    if not any(k.startswith("blocks.") for k in state_dict):
+        return  # no backbone here: load_pretrained_into says so
+    theirs = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    ours = getattr(model, "num_reg_tokens", 0)
+    if theirs != ours:
+        raise ValueError(
+            f"pretrained weight 'reg_token': the checkpoint has {theirs} register tokens but this "
+            f"model has {ours}: use the backbone {'with' if theirs else 'without'} registers "
+            f"(e.g. dinov2_small_patch14{'_reg4' if theirs else ''})"
+        )
+
+
+def _embedded_prefix(model: nn.Module) -> int:
+    """Prefix tokens (cls, registers) that have a position embedding: none with ``no_embed_class``."""
+    return 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+
+
 def _resize_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    n_prefix = model.num_prefix_tokens
+    n_prefix = _embedded_prefix(model)
     target = model.pos_embed.shape[1]
     if pos_embed.shape[1] == target:
         return pos_embed
-    old = int(round((pos_embed.shape[1] - n_prefix) ** 0.5))
+    old = int(round(max(pos_embed.shape[1] - n_prefix, 0) ** 0.5))
+    if pos_embed.ndim != 3 or old * old + n_prefix != pos_embed.shape[1] or pos_embed.shape[2] != model.embed_dim:
+        raise ValueError(
+            f"pretrained weight 'pos_embed' has shape {tuple(pos_embed.shape)}, which is not "
+            f"{n_prefix} prefix position(s) and a square grid of width {model.embed_dim} as this "
+            f"model needs {tuple(model.pos_embed.shape)}: the checkpoint is of another backbone "
+            f"(a position for the cls token or not, another width); use one of the same backbone"
+        )
     return resample_abs_pos_embed(
         pos_embed, new_size=list(model.grid), old_size=[old, old], num_prefix_tokens=n_prefix
     )
@@ -169,7 +236,7 @@ def _looks_like_safetensors(data: bytes) -> bool:
 
 
 def load_pretrained_into(model: nn.Module, source: str) -> PretrainedReport:
-    """Load ``source`` (a timm DeiT name for the hub, or a path/URL) into ``model``.
+    """Load ``source`` (a timm model name for the hub, or a path/URL) into ``model``.
 
     Returns what was loaded, re-initialised, dropped and resized, and logs its summary on
     the ``satloc.pretrained`` logger: INFO, or WARNING where a backbone tensor stayed fresh
@@ -208,5 +275,5 @@ def _timm_hub_weights(backbone: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise ValueError(
             f"could not fetch timm's pretrained {backbone} weights ({type(exc).__name__}); "
-            f"without a model hub, pass a local file: pretrained='/path/to/deit.pth'"
+            f"without a model hub, pass a local file of the same backbone: pretrained='/path/to/weights.pth'"
         ) from None

@@ -1,7 +1,10 @@
 """The Spatial-Aware Token (SAT) network (Wu et al., ICCV 2023) on timm's VisionTransformer.
 
 One learnable spatial token, with its own position embedding, is appended after the patch
-tokens: ``[cls, patches, spatial]``. In every re-weighted block its query row of the scaled
+tokens: ``[cls, patches, spatial]``, or ``[cls, registers, patches, spatial]`` on backbones
+with register tokens (DINOv2-reg): the prefix is timm's (``num_prefix_tokens``), so the map
+and the head read the patch positions ``[num_prefix_tokens, num_prefix_tokens + h * w)``
+whatever the backbone. In every re-weighted block its query row of the scaled
 attention logits, averaged over heads and passed through a sigmoid, is a map M over all
 keys; the block's softmax attention is multiplied column-wise by M (no renormalisation).
 Scaling attention columns by M is the same as scaling the value rows by M, so the block
@@ -62,7 +65,8 @@ class SpatialQueryAttention(Attention):
 
 
 class SATVisionTransformer(VisionTransformer):
-    """DeiT-style ViT with a spatial token, spatial-query attention and a conv + GAP head."""
+    """timm ViT (DeiT, DINOv2, DeiT III layouts) with a spatial token, spatial-query attention
+    and a conv + GAP head."""
 
     def __init__(self, *, num_classes: int, reweight_blocks: int = 3, **vit_kwargs) -> None:
         vit_kwargs.setdefault("class_token", True)
@@ -89,7 +93,7 @@ class SATVisionTransformer(VisionTransformer):
         return {"pos_embed", "cls_token", "dist_token", "spatial_token", "spatial_pos_embed"}
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = super()._pos_embed(x)  # [cls, patches] with their position embeddings
+        x = super()._pos_embed(x)  # [cls, (registers,) patches] with their position embeddings
         spatial = (self.spatial_token + self.spatial_pos_embed).expand(x.shape[0], -1, -1)
         return torch.cat([x, spatial], dim=1)
 

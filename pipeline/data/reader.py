@@ -10,7 +10,19 @@ read blocks. From object stores the next blocks are fetched in a background thre
 Every problem becomes exactly one error sample (``error`` set) and reading goes on, so
 rows can say why a sample failed instead of dropping it. A truncated or corrupt tar
 yields what was readable, then one error sample whose message contains 'truncated'.
-A file that is not a tar at all raises ShardFormatError.
+A file that is not a tar at all (or is empty) raises ShardFormatError, which retrying
+cannot fix (``retryable = False``).
+
+Sample identity (docs/architecture.md, "Sample identity"): a key's first run of
+contiguous members is its sample; every later occurrence of the key (its members again
+right after, i.e. an extension repeats, or after other keys) is one error sample of its
+own, never merged into or overwriting the first. Link, device and directory members are
+not read: the sample they belong to is an error sample naming them, even when they are
+all it has. A folder entry without an extension (``train/``) is not a sample member and
+is passed over. Metadata is bounded (``_parse_metadata``): labels are integers within
+int32, ``.json`` at most ``MAX_JSON_BYTES`` and ``MAX_JSON_DEPTH`` levels, boxes finite
+and not inverted. Any other exception while turning one sample's members into a
+``Sample`` becomes that sample's error, naming the key.
 """
 from __future__ import annotations
 
@@ -37,6 +49,13 @@ MASK_EXTENSION = "mask.png"
 DEFAULT_BLOCK_SIZE = 2 * 2**20
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# Metadata bounds: far above any real annotation (300,000 boxes is about 10 MB), far
+# below what would exhaust a worker or Python's recursion limit.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 
 
 class PrefetchingReader(io.RawIOBase):
@@ -103,7 +122,17 @@ class PrefetchingReader(io.RawIOBase):
 
 
 class ShardFormatError(ValueError):
-    """The shard is not a (possibly compressed) tar file."""
+    """The shard is not a (possibly compressed) tar file, or is empty."""
+
+    retryable = False  # the same bytes fail the same way: the scheduler does not retry
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    """A link, device or directory member: named in its sample's error, never read."""
+
+    name: str
+    kind: str
 
 
 @dataclass
@@ -158,8 +187,21 @@ def split_member_name(name: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def tar_members(fileobj, shard: str) -> Iterator[tuple[str, bytes] | _Truncated]:
-    """(member name, data) for each regular file; a final _Truncated if the tar is cut."""
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "a symbolic link"
+    if member.islnk():
+        return "a hard link"
+    if member.isdir():
+        return "a directory"
+    if member.isdev():
+        return "a device or FIFO"
+    return f"not a regular file (tar type {member.type!r})"
+
+
+def tar_members(fileobj, shard: str) -> Iterator[tuple[str, bytes] | _Unusable | _Truncated]:
+    """(member name, data) for each regular file, ``_Unusable`` for links, devices and
+    directories with an extension; a final _Truncated if the tar is cut."""
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndTrackingTarInfo)
     except tarfile.TarError as e:
@@ -175,7 +217,9 @@ def tar_members(fileobj, shard: str) -> Iterator[tuple[str, bytes] | _Truncated]
                 break
             tf.members = []  # stream mode keeps every header otherwise: memory would grow
             if not member.isfile():
-                continue
+                if not (member.isdir() and not split_member_name(member.name.rstrip("/"))[1]):
+                    yield _Unusable(member.name.rstrip("/"), _member_kind(member))
+                continue  # a plain folder entry (``train/``) is no sample member
             name = member.name
             if member.issparse():
                 data = tf.extractfile(member).read()
@@ -197,27 +241,41 @@ def tar_members(fileobj, shard: str) -> Iterator[tuple[str, bytes] | _Truncated]
 
 
 def group_members(
-    members: Iterable[tuple[str, bytes] | _Truncated], shard: str
+    members: Iterable[tuple[str, bytes] | _Unusable | _Truncated], shard: str
 ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """(key, {ext: data}, error) per run of contiguous members sharing a key.
+    """(key, {ext: data}, error) per occurrence of a key (module docstring: sample identity).
 
-    A key seen again after other keys (members not contiguous) gives one error group for
-    the stray run; truncation gives one error group for the sample it cut.
+    An occurrence is a run of contiguous members sharing a key in which no extension
+    repeats; a key's second and later occurrences give one error group each. Unusable
+    members give an error group naming them. Truncation gives one error group for the
+    sample it cut.
     """
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     key: str | None = None
     group: dict[str, bytes] = {}
+    unusable: list[_Unusable] = []
 
     def finish() -> tuple[str, dict[str, bytes], str | None]:
         error = None
-        if key in seen:
+        occurrence = seen.get(key, 0) + 1
+        seen[key] = occurrence
+        if occurrence > 1:
+            where = "right after its first members" if last[0] == key else "after other keys: its members are not contiguous"
             error = (
-                f"members of key '{key}' are not contiguous in shard {shard}: "
-                f"{sorted(group)} come after other keys (rewrite the shard with sorted members)"
+                f"key '{key}' occurs again in shard {shard} ({where}; occurrence {occurrence}, members "
+                f"{sorted(group) or [u.name for u in unusable]}): a key names one sample, so this repeat "
+                "was not read (rewrite the shard with unique keys, each sample's members together)"
             )
-        seen.add(key)
+        elif unusable:
+            error = "; ".join(
+                f"member '{u.name}' is {u.kind}: links, devices and directories are not read "
+                "(store the file itself in the tar)"
+                for u in unusable
+            )
+        last[0] = key
         return key, group, error
 
+    last: list[str | None] = [None]  # the key of the group finished last
     for item in members:
         if isinstance(item, _Truncated):
             cut_key = split_member_name(item.member)[0] if item.member else key
@@ -225,56 +283,117 @@ def group_members(
                 yield finish()
             yield (cut_key or ""), {}, item.message
             return
-        name, data = item
-        member_key, ext = split_member_name(name)
-        if member_key != key:
+        if isinstance(item, _Unusable):
+            member_key, ext = split_member_name(item.name)
+        else:
+            name, data = item
+            member_key, ext = split_member_name(name)
+        ext = ext.lower()
+        repeat = member_key == key and (ext in group or any(split_member_name(u.name)[1].lower() == ext
+                                                            for u in unusable))
+        if member_key != key or repeat:
             if key is not None:
                 yield finish()
-            key, group = member_key, {}
-        group[ext.lower()] = data
+            key, group, unusable = member_key, {}, []
+        if isinstance(item, _Unusable):
+            unusable.append(item)
+        else:
+            group[ext] = data
     if key is not None:
         yield finish()
 
 
+def _label(value: object, member: str) -> int:
+    """A class id within int32; ValueError naming ``member`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{member}: label {value!r} is not an integer class id")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{member}: {value[:40]!r} is not an integer class id") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{member}: label {value!r} is not an integer class id")
+        value = int(value)
+    if not INT32_MIN <= value <= INT32_MAX:
+        text = str(value)
+        text = text if len(text) <= 24 else text[:20] + "..."
+        raise ValueError(f"{member}: label {text} is outside the int32 range of class ids")
+    return value
+
+
+def _json_depth(data: bytes) -> int:
+    """How deeply arrays and objects nest in ``data`` (strings skipped), without parsing it."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    steps = np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _boxes(value: object, member: str) -> list[list[float]]:
+    shape = f"{member}: boxes must be a list of [x0, y0, x1, y1]"
+    if not isinstance(value, list):
+        raise ValueError(shape)
+    boxes = []
+    for box in value:
+        if not isinstance(box, list) or len(box) != 4 or any(isinstance(v, bool) for v in box):
+            raise ValueError(shape)
+        try:
+            box = [float(v) for v in box]
+        except (TypeError, ValueError):
+            raise ValueError(shape) from None
+        if not all(abs(v) <= FLOAT32_MAX for v in box):  # also False for NaN
+            raise ValueError(f"{member}: box {box} is not finite (NaN, Infinity or beyond float32)")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"{member}: box {box} is inverted (x1 < x0 or y1 < y0)")
+        boxes.append(box)
+    return boxes
+
+
 def _parse_metadata(sample: Sample, members: dict[str, bytes]) -> str | None:
     """Fill label/class_name/gt_boxes from .cls and .json; return an error or None."""
-    if "cls" in members:
-        text = members["cls"].decode("utf-8", "replace").strip()
-        try:
-            sample.label = int(text)
-        except ValueError:
-            return f"bad .cls member: {text[:40]!r} is not an integer class id"
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            return f"malformed .json member: {e}"
-        if not isinstance(meta, dict):
-            return f"bad .json member: expected an object, got {type(meta).__name__}"
-        if sample.label is None and meta.get("label") is not None:
+    cls_member, json_member = f"member '{sample.key}.cls'", f"member '{sample.key}.json'"
+    try:
+        if "cls" in members:
+            sample.label = _label(members["cls"].decode("utf-8", "replace"), cls_member)
+        if "json" in members:
+            data = members["json"]
+            if len(data) > MAX_JSON_BYTES:
+                return f"{json_member} is {len(data):,} bytes, over the {MAX_JSON_BYTES:,}-byte limit for metadata"
+            depth = _json_depth(data)
+            if depth > MAX_JSON_DEPTH:
+                return f"{json_member} nests {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
             try:
-                sample.label = int(meta["label"])
-            except (TypeError, ValueError):
-                return f"bad .json member: label {meta['label']!r} is not an integer"
-        if meta.get("class_name") is not None:
-            sample.class_name = str(meta["class_name"])
-        if meta.get("boxes") is not None:
-            boxes = meta["boxes"]
-            try:
-                sample.gt_boxes = [[float(v) for v in box] for box in boxes]
-            except (TypeError, ValueError):
-                return "bad .json member: boxes must be a list of [x0, y0, x1, y1]"
-            if any(len(box) != 4 for box in sample.gt_boxes):
-                return "bad .json member: boxes must be a list of [x0, y0, x1, y1]"
+                meta = json.loads(data)
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                return f"malformed .json member '{sample.key}.json': {e}"
+            if not isinstance(meta, dict):
+                return f"bad .json {json_member}: expected an object, got {type(meta).__name__}"
+            if sample.label is None and meta.get("label") is not None:
+                sample.label = _label(meta["label"], f"bad .json {json_member}")
+            if meta.get("class_name") is not None:
+                sample.class_name = str(meta["class_name"])
+            if meta.get("boxes") is not None:
+                sample.gt_boxes = _boxes(meta["boxes"], f"bad .json {json_member}")
+    except ValueError as e:
+        return f"bad .cls {e}" if str(e).startswith(cls_member) else str(e)
     return None
 
 
 def sample_from_members(
     key: str, members: dict[str, bytes], shard: str, error: str | None = None, decode: bool = True
 ) -> Sample:
+    """One occurrence's members -> a Sample; any failure is the sample's error, naming the key."""
     sample = Sample(key=key, shard=shard, error=error)
     if error is not None:
         return sample
+    try:
+        return _sample_from_members(sample, members, decode)
+    except Exception as e:  # one sample's bad bytes never cost the shard its other samples
+        return Sample(key=key, shard=shard, error=f"sample '{key}' (members {sorted(members)}): {_describe(e)}")
+
+
+def _sample_from_members(sample: Sample, members: dict[str, bytes], decode: bool) -> Sample:
     sample.error = _parse_metadata(sample, members)
     if sample.error is not None:
         return sample

@@ -4,7 +4,9 @@ Accepted specs, and the order of the result (always deterministic):
 
 - brace pattern ``s3://b/wds/train-{000000..000127}.tar`` or ``{a,b}``: pattern order,
   which is sorted order for zero-padded ranges; every named shard must exist;
-- prefix ending in ``/``: every ``*.tar`` below it, recursively, sorted;
+- prefix ending in ``/``: every ``*.tar``, ``*.tar.gz`` and ``*.tgz`` below it, recursively,
+  sorted (the reader opens compressed tars too); every other file below it is named in
+  ``ShardListing.skipped``, which the localize job prints, so none is passed over unsaid;
 - glob (``*``, ``?``, ``[``): matches, sorted;
 - ``@list.txt`` (a local path or any URL): one spec a line, ``#`` comments, in file order;
 - a single local path, ``file://``, ``s3://``, ``memory://`` ... URL of a tar file.
@@ -15,12 +17,21 @@ s3:// URLs), because the Parquet ``shard`` column records the shard "as given".
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from pipeline.data.storage import check_bucket, protocol_of, read_bytes, url_to_fs
 
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-_TAR_SUFFIX = ".tar"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass
+class ShardListing:
+    """The shard URLs of a spec and the files below its prefixes that are not shards."""
+
+    urls: list[str]
+    skipped: list[str] = field(default_factory=list)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -52,13 +63,15 @@ def _with_prefix(spec_root: str, fs_root: str, found: str) -> str:
     return spec_root.rstrip("/") + "/" + rel
 
 
-def _list_tars(spec: str) -> list[str]:
+def _list_tars(spec: str) -> ShardListing:
     fs, root = url_to_fs(spec)
     root = root.rstrip("/")
     if not fs.isdir(root):
-        return []
-    found = sorted(p for p in fs.find(root) if p.endswith(_TAR_SUFFIX))
-    return [_with_prefix(spec, root, p) for p in found]
+        return ShardListing([])
+    files = sorted(fs.find(root))
+    found = [p for p in files if p.lower().endswith(SHARD_SUFFIXES)]
+    skipped = [p for p in files if not p.lower().endswith(SHARD_SUFFIXES)]
+    return ShardListing([_with_prefix(spec, root, p) for p in found], [_with_prefix(spec, root, p) for p in skipped])
 
 
 def _glob(spec: str) -> list[str]:
@@ -93,18 +106,20 @@ def _existing(urls: list[str]) -> list[str]:
     return result
 
 
-def _read_list(spec: str) -> list[str]:
+def _read_list(spec: str) -> ShardListing:
     list_url = spec[1:]
     try:
         text = read_bytes(list_url).decode("utf-8")
     except FileNotFoundError:
         raise ValueError(f"shard spec {spec!r}: list file {list_url!r} does not exist") from None
-    urls: list[str] = []
+    listing = ShardListing([])
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            urls.extend(expand_shards(line))
-    return urls
+            part = find_shard_files(line)
+            listing.urls.extend(part.urls)
+            listing.skipped.extend(part.skipped)
+    return listing
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -113,6 +128,11 @@ def expand_shards(spec: str) -> list[str]:
     StorageError (naming endpoint and bucket) when an S3 bucket is missing or refuses
     the credentials.
     """
+    return find_shard_files(spec).urls
+
+
+def find_shard_files(spec: str) -> ShardListing:
+    """``expand_shards``, plus the files below the spec's prefixes that are not shards."""
     try:
         return _expand(spec.strip())
     except PermissionError:
@@ -120,11 +140,13 @@ def expand_shards(spec: str) -> list[str]:
         raise
 
 
-def _expand(spec: str) -> list[str]:
+def _expand(spec: str) -> ShardListing:
     if not spec:
         raise ValueError("empty shard spec: give a path, URL, prefix/, brace pattern or @list.txt")
+    skipped: list[str] = []
     if spec.startswith("@"):
-        urls = _read_list(spec)
+        listing = _read_list(spec)
+        urls, skipped = listing.urls, listing.skipped
     elif _BRACE.search(spec):
         named = expand_braces(spec)
         urls = _existing(named)
@@ -135,13 +157,15 @@ def _expand(spec: str) -> list[str]:
                 f"(first: {missing[0]}); fix the range or write the missing shards"
             )
     elif spec.endswith("/"):
-        urls = _list_tars(spec)
+        listing = _list_tars(spec)
+        urls, skipped = listing.urls, listing.skipped
     elif re.search(r"[*?\[]", spec):
         urls = _glob(spec)
     else:
         fs, path = url_to_fs(spec)
         if fs.isdir(path):
-            urls = _list_tars(spec + "/")
+            listing = _list_tars(spec + "/")
+            urls, skipped = listing.urls, listing.skipped
         else:
             urls = [spec] if fs.exists(path) else []
     if not urls:
@@ -149,6 +173,7 @@ def _expand(spec: str) -> list[str]:
             check_bucket(spec.lstrip("@"))  # a missing bucket or bad keys say so, by name
         raise ValueError(
             f"shard spec {spec!r} matches no shard: check the path or URL (a prefix must end "
-            "in '/' and hold *.tar files; S3 endpoints come from AWS_ENDPOINT_URL)"
+            "in '/' and hold *.tar, *.tar.gz or *.tgz files; S3 endpoints come from AWS_ENDPOINT_URL)"
+            + (f"; files found that are not shards: {', '.join(skipped[:5])}" if skipped else "")
         )
-    return urls
+    return ShardListing(urls, skipped)

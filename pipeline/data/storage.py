@@ -28,6 +28,24 @@ class StorageError(OSError):
     """A URL cannot be read or written; the message says which endpoint/bucket and why."""
 
 
+class ParquetReadError(ValueError):
+    """A Parquet file that does not read (zero bytes, cut, not Parquet); names the file."""
+
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(
+            f"cannot read Parquet file {url}: {reason} (a zero-byte or cut file, e.g. from an interrupted "
+            "copy; rerun jobs/localize_shards.py with the same --run-id to redo it, or delete it)"
+        )
+
+    def __reduce__(self):  # pickles (Ray) with both arguments
+        return type(self), (self.url, self.reason)
+
+
+def _unreadable_parquet(url: str, e: Exception) -> ParquetReadError:
+    return ParquetReadError(url, str(e))
+
+
 def protocol_of(url: str) -> str:
     """``'s3'`` for ``s3://b/k``, ``'file'`` for plain paths and ``file://`` URLs."""
     if "://" not in url:
@@ -116,14 +134,37 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     """
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns, use_threads=False)
+        try:
+            return pq.read_table(f, columns=columns, use_threads=False)
+        except pa.ArrowException as e:
+            error = e
+        try:  # why: a footer that does not read is a zero-byte or cut file
+            f.seek(0)
+            pq.ParquetFile(f)
+        except pa.ArrowException:
+            raise _unreadable_parquet(url, error) from None
+        raise ValueError(f"cannot read Parquet file {url}: {error}") from None
 
 
 def read_parquet_metadata(url: str) -> dict[bytes, bytes]:
     """The key/value metadata in a Parquet file's footer (reads only the footer)."""
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
-        return dict(pq.ParquetFile(f).schema_arrow.metadata or {})
+        try:
+            return dict(pq.ParquetFile(f).schema_arrow.metadata or {})
+        except pa.ArrowException as e:
+            raise _unreadable_parquet(url, e) from None
+
+
+def parquet_row_count(url: str) -> int:
+    """Rows a Parquet file's footer records (reads only the footer); ParquetReadError
+    naming the file when the footer does not read."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowException as e:
+            raise _unreadable_parquet(url, e) from None
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -154,11 +195,19 @@ def _s3_bucket(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0]
 
 
+# The bucket check answers within seconds, also when the endpoint does not: one attempt
+# with short timeouts instead of botocore's retries with backoff (16 s on a closed port).
+S3_CHECK_TIMEOUT_S = 5
+
+
 def _s3_client():
     import boto3
+    from botocore.config import Config
 
     return boto3.client(
         "s3",
+        config=Config(connect_timeout=S3_CHECK_TIMEOUT_S, read_timeout=S3_CHECK_TIMEOUT_S,
+                      retries={"max_attempts": 1, "mode": "standard"}),
         endpoint_url=s3_endpoint(),
         region_name=_s3_region() or "us-east-1",
         aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or None,
@@ -182,10 +231,11 @@ def _check_s3_bucket(url: str, action: str) -> None:
             f"cannot {action} {url}: no S3 credentials for {where}; "
             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         ) from None
-    except botocore.exceptions.EndpointConnectionError:
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError):
         raise StorageError(
-            f"cannot {action} {url}: {where} does not answer; check AWS_ENDPOINT_URL "
-            "and that the object store is running"
+            f"cannot {action} {url}: {where} does not answer (within {S3_CHECK_TIMEOUT_S} s); check "
+            "AWS_ENDPOINT_URL and that the object store is running"
         ) from None
     except botocore.exceptions.ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))

@@ -32,7 +32,7 @@ import pyarrow as pa
 from model.boxes import check_threshold
 from pipeline.evaluation import metrics
 from pipeline.data.preprocess import ResizeCrop
-from pipeline.data.storage import join_url, read_parquet, url_to_fs
+from pipeline.data.storage import check_bucket, join_url, read_parquet, url_to_fs
 from pipeline.evaluation import sat_protocol
 from pipeline.results.manifest import MANIFEST_NAME, Manifest, read_manifest
 from pipeline.results.run_dir import is_run_dir, parquet_files, shard_stem
@@ -71,7 +71,9 @@ class Run:
 
 
 def read_run(predictions_url: str) -> Run:
-    """Load a run directory; ValueError for mixed runs, grids or no Parquet at all."""
+    """Load a run directory; ValueError for mixed runs, grids or no Parquet at all; StorageError
+    (naming the bucket, endpoint and the variables to set) when an S3 run cannot be reached."""
+    check_bucket(predictions_url)
     if not is_run_dir(predictions_url):
         raise ValueError(f"--predictions {predictions_url}: not a directory; {_NOT_A_RUN}")
     files = parquet_files(predictions_url)
@@ -236,15 +238,25 @@ def _join_ground_truth(ok: pa.Table, gt_shards: str | None, notes: list[str]) ->
     names: dict[int, str] = {}
     if gt_shards is None:
         return _Truth(labels, boxes, masks, names)
-    from pipeline.evaluation.ground_truth import read_ground_truth
+    from pipeline.evaluation.ground_truth import read_ground_truth_by_shard
 
     keys = ok.column("key").to_pylist()
-    truth = read_ground_truth(gt_shards, keys, mask_size=metrics.EVAL_SIZE)
+    stems = [shard_stem(s or "") for s in ok.column("shard").to_pylist()]
+    truth = read_ground_truth_by_shard(gt_shards, keys, mask_size=metrics.EVAL_SIZE)
+    stems_of_key: dict[str, list[str]] = {}
+    for stem, key in truth:
+        stems_of_key.setdefault(key, []).append(stem)
     widths, heights = ok.column("width").to_pylist(), ok.column("height").to_pylist()
     unmatched, bad_masks = 0, []
     for i, key in enumerate(keys):
-        gt = truth.get(key)
+        gt = truth.get((stems[i], key))
         if gt is None:
+            if key in stems_of_key:  # the key, in a shard of another name: another data set or split
+                raise ValueError(
+                    f"--gt-shards {gt_shards}: the row of key {key!r} comes from shard {stems[i]} but the "
+                    f"ground truth has that key only in {', '.join(sorted(stems_of_key[key])[:3])}; "
+                    "ground truth joins on (shard, key): point --gt-shards at the shards this run localized"
+                )
             unmatched += 1
             continue
         if labels[i] is None:
@@ -425,7 +437,8 @@ def _box_sweep(s: _Scored, loc_maps: np.ndarray, taus: np.ndarray, workers: int 
     widths = np.array(s.ok.column("width").to_pylist(), dtype=np.float64)
     heights = np.array(s.ok.column("height").to_pylist(), dtype=np.float64)
     idx = s.loc_idx
-    gt_eval = metrics.wsol_gt_boxes([s.truth.boxes[i] for i in idx], widths[idx], heights[idx])
+    # per image, padded per chunk: one image with many boxes must not pad every image to its count
+    gt_eval = metrics.wsol_gt_box_list([s.truth.boxes[i] for i in idx], widths[idx], heights[idx])
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     return metrics.sweep_loc_maps(loc_maps[idx], gt_eval, taus, workers=workers if idx.size > 512 else 1)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.data.reader import decode_mask, read_samples
 from pipeline.data.shards import expand_shards
+from pipeline.results.run_dir import shard_stem
 
 
 @dataclass
@@ -43,17 +44,42 @@ def read_ground_truth(
     size. Bad samples are skipped (their rows are error rows anyway). A key found in two
     shards is an error: the join with the predictions would be ambiguous.
     """
-    wanted = set(keys) if keys is not None else None
     found: dict[str, GroundTruth] = {}
+    for gt in _ground_truth(spec, keys, mask_size):
+        if gt.key in found:
+            raise ValueError(
+                f"--gt-shards {spec!r}: key {gt.key!r} is in both {found[gt.key].shard} and "
+                f"{gt.shard}; ground truth must have unique keys (point --gt-shards at one split)"
+            )
+        found[gt.key] = gt
+    return found
+
+
+def read_ground_truth_by_shard(
+    spec: str, keys: Iterable[str] | None = None, mask_size: tuple[int, int] | None = None
+) -> dict[tuple[str, str], GroundTruth]:
+    """Ground truth by (shard stem, key): how evaluate joins it to the rows, whose ``shard``
+    names the shard each row came from. The same key may be in several shards (data sets
+    number their samples per shard); the same (stem, key) twice is an error (ambiguous)."""
+    found: dict[tuple[str, str], GroundTruth] = {}
+    for gt in _ground_truth(spec, keys, mask_size):
+        pair = (shard_stem(gt.shard), gt.key)
+        if pair in found:
+            raise ValueError(
+                f"--gt-shards {spec!r}: key {gt.key!r} is twice in shards named {pair[0]} "
+                f"({found[pair].shard} and {gt.shard}); the join on (shard, key) would be ambiguous: "
+                "point --gt-shards at the shards the run localized"
+            )
+        found[pair] = gt
+    return found
+
+
+def _ground_truth(spec: str, keys: Iterable[str] | None, mask_size: tuple[int, int] | None):
+    wanted = set(keys) if keys is not None else None
     for url in expand_shards(spec):
         for sample in read_samples(url, decode=False):
             if sample.error is not None or (wanted is not None and sample.key not in wanted):
                 continue
-            if sample.key in found:
-                raise ValueError(
-                    f"--gt-shards {spec!r}: key {sample.key!r} is in both {found[sample.key].shard} and "
-                    f"{url}; ground truth must have unique keys (point --gt-shards at one split)"
-                )
             mask, mask_shape = None, None
             if sample.mask_bytes is not None:
                 try:
@@ -63,7 +89,7 @@ def read_ground_truth(
                 mask_shape = mask.shape
                 if mask_size is not None:
                     mask = resize_mask(mask, mask_size)
-            found[sample.key] = GroundTruth(
+            yield GroundTruth(
                 key=sample.key,
                 shard=url,
                 label=sample.label,
@@ -72,4 +98,3 @@ def read_ground_truth(
                 mask=mask,
                 mask_shape=mask_shape,
             )
-    return found

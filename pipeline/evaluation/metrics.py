@@ -265,30 +265,54 @@ def quantised(scores: np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float32) * np.float32(255.0)).astype(np.uint8)
 
 
+_PAD_BOX = np.array([-2, -2, -1, -1], dtype=np.int64)  # outside the image: IoU 0 with any box in it
+# Padded GT boxes per chunk of ``sweep_loc_maps`` (x 32 bytes as float64): a chunk ends before
+# it would pad more, and an image with more boxes than this is a chunk of its own.
+MAX_PADDED_GT_BOXES = 1 << 14
+
+
+def wsol_gt_box_list(
+    gt_boxes: Sequence[np.ndarray | Sequence | None],
+    widths: np.ndarray,
+    heights: np.ndarray,
+    size: tuple[int, int] = EVAL_SIZE,
+) -> list[np.ndarray]:
+    """GT boxes in original pixels -> per image (g, 4) int64 in the frame, as ``resize_bbox``.
+
+    Each coordinate becomes ``int(x * new_size / size)`` (float64, truncated); an image
+    without boxes gets the one padding box. Not padded to the largest count: memory grows
+    with the boxes there are, never images x the largest count (``sweep_loc_maps`` pads
+    per chunk).
+    """
+    scale = np.array([size[1], size[0], size[1], size[0]], dtype=np.float64)
+    out = []
+    for boxes, width, height in zip(gt_boxes, np.asarray(widths, np.float64), np.asarray(heights, np.float64)):
+        if boxes is None or len(boxes) == 0:
+            out.append(_PAD_BOX[None].copy())
+            continue
+        frame = np.array([width, height, width, height])
+        out.append(np.trunc(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale / frame).astype(np.int64))
+    return out
+
+
+def pad_gt_boxes(box_list: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-image (g, 4) boxes -> (n, G, 4) int64, padded with a box outside the image."""
+    count = max([len(b) for b in box_list] + [1])
+    out = np.tile(_PAD_BOX, (len(box_list), count, 1))
+    for i, boxes in enumerate(box_list):
+        out[i, : len(boxes)] = boxes
+    return out
+
+
 def wsol_gt_boxes(
     gt_boxes: Sequence[np.ndarray | Sequence | None],
     widths: np.ndarray,
     heights: np.ndarray,
     size: tuple[int, int] = EVAL_SIZE,
 ) -> np.ndarray:
-    """GT boxes in original pixels -> (n, G, 4) int64 in the frame, as ``resize_bbox``.
-
-    Each coordinate becomes ``int(x * new_size / size)`` (float64, truncated). Images with
-    fewer boxes are padded with a box outside the image (IoU 0 with any box in it).
-    """
-    n = len(gt_boxes)
-    count = max([len(b) for b in gt_boxes if b is not None] + [1])
-    out = np.tile(np.array([-2, -2, -1, -1], dtype=np.int64), (n, count, 1))
-    widths = np.asarray(widths, dtype=np.float64)
-    heights = np.asarray(heights, dtype=np.float64)
-    for i, boxes in enumerate(gt_boxes):
-        if boxes is None or len(boxes) == 0:
-            continue
-        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        scale = np.array([size[1], size[0], size[1], size[0]], dtype=np.float64)
-        frame = np.array([widths[i], heights[i], widths[i], heights[i]])
-        out[i, : len(arr)] = np.trunc(arr * scale / frame).astype(np.int64)
-    return out
+    """GT boxes in original pixels -> (n, G, 4) int64 in the frame, as ``resize_bbox``
+    (``wsol_gt_box_list``, padded). For many images use the list: this is n x the largest count."""
+    return pad_gt_boxes(wsol_gt_box_list(gt_boxes, widths, heights, size))
 
 
 def wsol_iou(boxes: np.ndarray, gts: np.ndarray) -> np.ndarray:
@@ -377,9 +401,14 @@ def _sweep_levels(q: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray) -> BoxSw
     return BoxSweep(taus, largest[rows, thresholds].astype(np.float32), best[rows, thresholds].astype(np.float32))
 
 
-def _sweep_chunk(loc_maps: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray, size: tuple[int, int]) -> BoxSweep:
+def _sweep_chunk(
+    loc_maps: np.ndarray, gt_eval: np.ndarray | Sequence[np.ndarray], taus: np.ndarray, size: tuple[int, int]
+) -> BoxSweep:
     """``sweep_wsol_boxes(wsol_score_maps(loc_maps, size), gt_eval, taus)``, with the
-    normalisation and quantisation fused into one compiled pass (same float32 steps)."""
+    normalisation and quantisation fused into one compiled pass (same float32 steps).
+    A list of per-image boxes is padded here, for this chunk only."""
+    if not isinstance(gt_eval, np.ndarray):
+        gt_eval = pad_gt_boxes(gt_eval)
     taus = np.asarray(taus, dtype=np.float64)
     if taus.ndim != 1 or len(taus) == 0:
         raise ValueError("taus must be a non-empty 1-D array")
@@ -390,23 +419,45 @@ def _sweep_chunk(loc_maps: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray, si
     return _sweep_levels(component_tree.normalized_levels(_bicubic_resize(loc_maps, size)), gt_eval, taus)
 
 
+def _chunk_bounds(counts: Sequence[int], chunk: int, max_padded: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of at most ``chunk`` images whose padded boxes, (b - a) x the largest
+    count, stay within ``max_padded`` (an image with more is a range of its own)."""
+    bounds, start, widest = [], 0, 0
+    for i, count in enumerate(counts):
+        wider = max(widest, count)
+        if i > start and (i + 1 - start > chunk or (i + 1 - start) * wider > max_padded):
+            bounds.append((start, i))
+            start, wider = i, count
+        widest = wider
+    if start < len(counts) or not bounds:
+        bounds.append((start, len(counts)))
+    return bounds
+
+
 def sweep_loc_maps(
     loc_maps: np.ndarray,
-    gt_eval: np.ndarray,
+    gt_eval: np.ndarray | Sequence[np.ndarray],
     taus: np.ndarray = TAUS,
     size: tuple[int, int] = EVAL_SIZE,
     workers: int = 1,
     chunk: int = 256,
 ) -> BoxSweep:
     """wsolevaluation's sweep over stored maps (n, h, w): ``wsol_score_maps`` then
-    ``sweep_wsol_boxes`` (``gt_eval`` from ``wsol_gt_boxes``), in chunks, on ``workers``
-    processes.
+    ``sweep_wsol_boxes`` (``gt_eval`` from ``wsol_gt_boxes``, or better the per-image list of
+    ``wsol_gt_box_list``), in chunks, on ``workers`` processes.
 
-    Chunks keep memory flat (a 224 x 224 score map is 200 KB). Each spawned worker loads
-    the compiled trees from numba's cache on its first chunk (compiles them without one).
+    Chunks keep memory flat (a 224 x 224 score map is 200 KB). With a list, each chunk is
+    padded on its own and holds at most ``MAX_PADDED_GT_BOXES`` padded boxes, so one image
+    with 300,000 GT boxes costs its own boxes, not every image padded to 300,000. Each
+    spawned worker loads the compiled trees from numba's cache on its first chunk (compiles
+    them without one).
     """
     n = len(loc_maps)
-    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [(0, 0)]
+    if isinstance(gt_eval, np.ndarray):
+        bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [(0, 0)]
+    else:
+        gt_eval = list(gt_eval)
+        bounds = _chunk_bounds([len(b) for b in gt_eval], chunk, MAX_PADDED_GT_BOXES)
     jobs = [(loc_maps[a:b], gt_eval[a:b], taus, size) for a, b in bounds]
     if workers <= 1 or len(jobs) == 1:
         return BoxSweep.concat([_sweep_chunk(*job) for job in jobs])

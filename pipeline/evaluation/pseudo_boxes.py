@@ -10,9 +10,16 @@ Ids are deterministic: images are numbered 1..N in (key, shard) order over *all*
 rows, before filtering, so an image keeps its id whatever the filters; annotations are
 numbered in (image id, box rank) order. COCO category ids are the model's class ids.
 
-File names (YOLO) come from sample keys, which are data: they are reduced to
-``[A-Za-z0-9._-]`` with a hash suffix whenever that changed them, so a key like
-``../../x`` can never write outside the output directory.
+Names are unique across shards, since keys repeat between shards (``000001`` in every
+shard of many data sets): a COCO image's ``file_name`` is ``<shard-stem>/<key>`` (the shard's
+file name without ``.tar``), a YOLO label file is ``<shard-stem>__<key>.txt``. Keys are data:
+YOLO names are reduced to ``[A-Za-z0-9._-]`` with a hash suffix whenever that changed them, so
+a key like ``../../x`` can never write outside the output directory. A name that would still
+repeat (the same key twice in one shard) gets ``-2``, ``-3``, ... in image-id order, and no
+image can take ``classes.txt``, the class list.
+
+An existing output (the COCO file, or a YOLO directory that is not empty) is refused unless
+``overwrite``; the output is checked before anything is written.
 """
 from __future__ import annotations
 
@@ -30,11 +37,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.evaluation.evaluate import Run, read_run
-from pipeline.data.storage import join_url, protocol_of, write_bytes_atomic
+from pipeline.data.storage import StorageError, check_writable, join_url, protocol_of, url_to_fs, write_bytes_atomic
+from pipeline.results.run_dir import shard_stem
 
 FORMATS = ("coco", "yolo")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
+CLASSES_FILE = "classes.txt"
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class BoxFilter:
     classes: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"--min-score is a class probability in [0, 1], got {self.min_score}")
         if not 0.0 <= self.min_fg_ratio <= self.max_fg_ratio <= 1.0:
             raise ValueError(
                 f"need 0 <= --min-fg-ratio <= --max-fg-ratio <= 1, got {self.min_fg_ratio} and {self.max_fg_ratio}"
@@ -82,6 +93,7 @@ def safe_file_stem(key: str) -> str:
 class _Image:
     id: int
     key: str
+    shard: str
     width: int
     height: int
     label: int
@@ -109,11 +121,42 @@ def _images(run: Run) -> list[_Image]:
         ]
         out.append(
             _Image(
-                image_id, cols["key"][i], int(cols["width"][i]), int(cols["height"][i]),
+                image_id, cols["key"][i], cols["shard"][i] or "", int(cols["width"][i]), int(cols["height"][i]),
                 int(cols["label"][i]), score, boxes, cols["gt_label"][i], cols["gt_boxes"][i], cols["fg_ratio"][i],
             )
         )
     return out
+
+
+def _unique(names: list[str], reserved: frozenset[str] = frozenset()) -> list[str]:
+    """``names`` with repeats (and ``reserved`` names) made unique by ``-2``, ``-3``, ... in order."""
+    taken = set(reserved) | set(names)
+    seen: set[str] = set(reserved)
+    out = []
+    for name in names:
+        if name in seen:
+            stem, dot, ext = name.rpartition(".") if name.endswith(".txt") else (name, "", "")
+            n = 2
+            while f"{stem}-{n}{dot}{ext}" in taken:
+                n += 1
+            name = f"{stem}-{n}{dot}{ext}"
+            taken.add(name)
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def coco_file_names(images: list[_Image]) -> dict[int, str]:
+    """Image id -> ``<shard-stem>/<key>``: unique across shards."""
+    names = _unique([f"{shard_stem(i.shard)}/{i.key}" for i in images])
+    return {i.id: name for i, name in zip(images, names)}
+
+
+def yolo_file_names(images: list[_Image]) -> dict[int, str]:
+    """Image id -> ``<shard-stem>__<key>.txt`` (made safe): unique, never ``classes.txt``."""
+    names = _unique([safe_file_stem(f"{shard_stem(i.shard)}__{i.key}") + ".txt" for i in images],
+                    reserved=frozenset({CLASSES_FILE}))
+    return {i.id: name for i, name in zip(images, names)}
 
 
 def _selected(images: list[_Image], filt: BoxFilter) -> list[_Image]:
@@ -144,7 +187,9 @@ def _categories(names: dict[int, str], used: set[int]) -> list[dict]:
 def coco_predictions(run: Run, filt: BoxFilter, images: list[_Image] | None = None) -> dict:
     """The run's pseudo-boxes as a COCO detection dataset (with a ``score`` per box)."""
     names = run.class_names()
-    images = _selected(images if images is not None else _images(run), filt)
+    images = images if images is not None else _images(run)
+    file_names = coco_file_names(images)  # over all images, so a name does not depend on the filters
+    images = _selected(images, filt)
     annotations = []
     for image in images:
         for x0, y0, x1, y1, score in _boxes(image, filt):
@@ -162,7 +207,8 @@ def coco_predictions(run: Run, filt: BoxFilter, images: list[_Image] | None = No
             )
     return {
         "info": {"description": f"satloc pseudo-boxes of run {run.run_id or run.url}", "run_id": run.run_id},
-        "images": [{"id": i.id, "file_name": i.key, "width": i.width, "height": i.height} for i in images],
+        "images": [{"id": i.id, "file_name": file_names[i.id], "width": i.width, "height": i.height}
+                   for i in images],
         "categories": _categories(names, {i.label for i in images}),
         "annotations": annotations,
     }
@@ -171,8 +217,10 @@ def coco_predictions(run: Run, filt: BoxFilter, images: list[_Image] | None = No
 def coco_ground_truth(run: Run, image_ids: set[int], images: list[_Image] | None = None) -> dict | None:
     """GT boxes of the same images as a COCO dataset, or None when the rows carry none."""
     names = run.class_names()
+    images = images if images is not None else _images(run)
+    file_names = coco_file_names(images)
     images = [
-        i for i in (images if images is not None else _images(run))
+        i for i in images
         if i.id in image_ids and i.gt_boxes and i.gt_label is not None
     ]
     if not images:
@@ -186,7 +234,8 @@ def coco_ground_truth(run: Run, image_ids: set[int], images: list[_Image] | None
                  "bbox": [float(x0), float(y0), w, h], "area": w * h, "iscrowd": 0}
             )
     return {
-        "images": [{"id": i.id, "file_name": i.key, "width": i.width, "height": i.height} for i in images],
+        "images": [{"id": i.id, "file_name": file_names[i.id], "width": i.width, "height": i.height}
+                   for i in images],
         "categories": _categories(names, {int(i.gt_label) for i in images}),
         "annotations": annotations,
     }
@@ -219,18 +268,21 @@ def coco_ap(ground_truth: dict, predictions: dict) -> dict[str, float]:
 
 
 def yolo_files(run: Run, filt: BoxFilter, images: list[_Image] | None = None) -> dict[str, str]:
-    """File name -> content: one ``<stem>.txt`` per image (``cls cx cy w h``, normalised)."""
+    """File name -> content: one ``<shard-stem>__<key>.txt`` per image (``cls cx cy w h``,
+    normalised), and ``classes.txt``."""
     files: dict[str, str] = {}
-    for image in _selected(images if images is not None else _images(run), filt):
+    images = images if images is not None else _images(run)
+    file_names = yolo_file_names(images)
+    for image in _selected(images, filt):
         lines = []
         for x0, y0, x1, y1, _ in _boxes(image, filt):
             cx, cy = (x0 + x1) / 2 / image.width, (y0 + y1) / 2 / image.height
             w, h = (x1 - x0) / image.width, (y1 - y0) / image.height
             lines.append(f"{image.label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-        files[safe_file_stem(image.key) + ".txt"] = "".join(line + "\n" for line in lines)
+        files[file_names[image.id]] = "".join(line + "\n" for line in lines)
     names = run.class_names()
     if names:
-        files["classes.txt"] = "".join(f"{names.get(i, str(i))}\n" for i in range(max(names) + 1))
+        files[CLASSES_FILE] = "".join(f"{names.get(i, str(i))}\n" for i in range(max(names) + 1))
     return files
 
 
@@ -246,20 +298,56 @@ def _checked_target(output_url: str, name: str) -> str:
     return target
 
 
+def check_export_output(output_url: str, fmt: str, overwrite: bool = False) -> None:
+    """Refuse an existing output (unless ``overwrite``) or one that cannot be written, before any work.
+
+    COCO writes one file, YOLO a directory of files. ValueError (exists, or the wrong kind)
+    or StorageError (cannot write there), each naming ``--output``.
+    """
+    fs, path = url_to_fs(output_url)
+    try:
+        is_dir, found = fs.isdir(path), fs.exists(path)
+    except PermissionError:
+        raise StorageError(f"--output {output_url}: permission denied") from None
+    if fmt == "coco":
+        if is_dir:
+            raise ValueError(f"--output {output_url} is a directory; --format coco writes one JSON file: name the file")
+        if found and not overwrite:
+            raise ValueError(f"--output {output_url} exists; pass --overwrite to replace it, or choose another name")
+        parent = output_url.rstrip("/").rsplit("/", 1)[0] if "/" in output_url.rstrip("/") else "."
+        target = parent
+    else:
+        if found and not is_dir:
+            raise ValueError(f"--output {output_url} is a file; --format yolo writes a directory: name a directory")
+        if is_dir and fs.ls(path, detail=False) and not overwrite:
+            raise ValueError(
+                f"--output {output_url} is a directory that is not empty; pass --overwrite to write into it "
+                "(files of the same name are replaced, others are kept), or choose a new directory"
+            )
+        target = output_url
+    try:
+        check_writable(target)
+    except StorageError as e:
+        raise StorageError(f"--output: {e}") from None
+
+
 def export_pseudo_boxes(
     predictions_url: str,
     fmt: str,
     output_url: str,
     filt: BoxFilter = BoxFilter(),
     classes: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write the pseudo-boxes; return a summary (counts, and COCO AP where GT exists).
 
     ``classes``: names or ids (``--classes``), resolved against the run's class names.
+    ``overwrite``: replace an existing output (else ValueError, before any work).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     run = read_run(predictions_url)
+    check_export_output(output_url, fmt, overwrite)
     if classes:
         filt = dataclasses.replace(filt, classes=resolve_classes(classes, run.class_names()))
     summary: dict = {"run_id": run.run_id, "format": fmt, "output": output_url}
@@ -269,11 +357,17 @@ def export_pseudo_boxes(
     summary["boxes"] = len(coco["annotations"])
     if fmt == "coco":
         write_bytes_atomic(output_url, json.dumps(coco).encode())
+        summary["files"] = 1
     else:
         files = yolo_files(run, filt, images)
-        for name, text in files.items():
-            write_bytes_atomic(_checked_target(output_url, name), text.encode())
-        summary["files"] = len(files)
+        targets = {_checked_target(output_url, name): text for name, text in files.items()}
+        if len(targets) != len(files):  # yolo_file_names makes names unique; this guards the guarantee
+            raise AssertionError("two YOLO files would share a name")
+        written = 0
+        for target, text in targets.items():
+            write_bytes_atomic(target, text.encode())
+            written += 1
+        summary["files"] = written
     gt = coco_ground_truth(run, {im["id"] for im in coco["images"]}, images)
     summary["coco_eval"] = coco_ap(gt, coco) if gt is not None else None
     return summary

@@ -34,6 +34,10 @@ class ShardResult:
     model_seconds: float = 0.0
     write_seconds: float = 0.0
     bytes_written: int = 0
+    # Ground-truth labels outside the checkpoint's classes (negative or >= num_classes):
+    # kept in the rows, counted here for the job summary and the manifest.
+    gt_labels_outside: int = 0
+    gt_label_range: tuple[int, int] | None = None  # (min, max) of the shard's gt labels
 
     @property
     def images(self) -> int:

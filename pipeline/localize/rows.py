@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from model.boxes import boxes_from_normalized, foreground_ratio, normalized_upsampled_maps
@@ -79,6 +80,16 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     probs = torch.softmax(logits.detach().float().cpu(), dim=1)
     scores, labels = probs.topk(min(k, probs.shape[1]), dim=1)
     return labels.to(torch.int32).numpy(), scores.numpy()
+
+
+def gt_label_check(gt_label: pa.ChunkedArray | pa.Array, num_classes: int) -> tuple[int, tuple[int, int] | None]:
+    """(rows whose ground-truth label is outside ``0..num_classes-1``, (min, max) label or None)."""
+    labels = pc.drop_null(gt_label)
+    if len(labels) == 0:
+        return 0, None
+    outside = pc.sum(pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes))).as_py() or 0
+    low_high = pc.min_max(labels)
+    return int(outside), (int(low_high["min"].as_py()), int(low_high["max"].as_py()))
 
 
 def _size_or_none(value: int) -> int | None:
@@ -147,8 +158,49 @@ def localize_rows(
             columns["box_x1"][i], columns["box_y1"][i] = x1, y1
             columns["fg_ratio"][i] = float(fg_ratio[j])
 
-    arrays = [_array(columns[f.name], f.type) for f in schema]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return _table(columns, schema, n)
+
+
+def _printable(text: object) -> str | None:
+    """``text`` as a string Arrow can store (lone surrogates from odd bytes escaped)."""
+    if text is None:
+        return None
+    text = str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_CONVERSION_ERRORS = (pa.ArrowException, UnicodeError, OverflowError, TypeError, ValueError)
+
+
+def _table(columns: dict[str, list], schema: pa.Schema, n: int) -> pa.Table:
+    """The batch's table; a row whose values Arrow cannot store becomes that sample's error
+    row (naming the key and the column) instead of failing the whole shard."""
+    try:
+        return pa.Table.from_arrays([_array(columns[f.name], f.type) for f in schema], schema=schema)
+    except _CONVERSION_ERRORS:
+        pass
+    for i in range(n):
+        bad = None
+        for f in schema:
+            try:
+                _array([columns[f.name][i]], f.type)
+            except _CONVERSION_ERRORS as e:
+                bad = f"{f.name}: {type(e).__name__}: {e}"
+                break
+        if bad is None:
+            continue
+        key = _printable(columns["key"][i])
+        keep = {"shard": _printable(columns["shard"][i]), "model_sha256": columns["model_sha256"][i],
+                "threshold": columns["threshold"][i]}
+        for name in schema.names:
+            columns[name][i] = keep.get(name)
+        columns["key"][i], columns["status"][i] = key, "error"
+        columns["error"][i] = _printable(f"row for sample '{key}' cannot be stored: {bad}")[:1000]
+    return pa.Table.from_arrays([_array(columns[f.name], f.type) for f in schema], schema=schema)
 
 
 def _array(values: list, type_: pa.DataType) -> pa.Array:

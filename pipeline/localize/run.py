@@ -27,16 +27,18 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from model.checkpoint import default_config, fingerprint, read_config
+from model.checkpoint import check_weights, default_config, fingerprint
 from model.precision import resolve_precision
 from pipeline.data.preprocess import ResizeCrop
-from pipeline.data.shards import expand_shards
+from pipeline.data.shards import find_shard_files
 from pipeline.data.storage import (
     StorageError,
+    check_bucket,
     check_readable,
     check_writable,
     join_url,
@@ -51,7 +53,7 @@ from pipeline.localize.rows import RowSettings
 from pipeline.localize.scheduler import ProgressLine, ScheduleOutcome, ShardScheduler
 from pipeline.localize.worker import WorkerSettings, grid_shape, model_input_size
 from pipeline.results.manifest import Manifest, ManifestError, ShardEntry, read_manifest, write_manifest
-from pipeline.results.parquet import output_counts
+from pipeline.results.parquet import output_counts, unfinished_reason
 from pipeline.results.run_dir import file_names, output_url, shard_stem
 
 __all__ = ["BadInputError", "LocalizeConfig", "RunSummary", "run_localize"]
@@ -63,7 +65,8 @@ Say = Callable[[str], None]
 class ShardPlan:
     shard_url: str
     out_url: str
-    done: bool  # output exists (skipped unless overwrite)
+    done: bool  # output exists and reads (skipped unless overwrite)
+    redo: str | None = None  # why an output that is there is not done (cut, zero bytes, rows)
 
 
 @dataclass
@@ -83,6 +86,9 @@ class RunPlan:
 
     def describe(self) -> str:
         extra = " (--overwrite: all redone)" if self.overwrite and self.done else ""
+        redo = [s for s in self.shards if s.redo]
+        if redo:
+            extra += f"; {len(redo)} unreadable output(s) redone, first: {redo[0].redo}"
         return (
             f"run {self.run_id}: {len(self.shards)} shards, {self.done} done, {len(self.todo)} to do{extra} "
             f"-> {self.run_url}/"
@@ -106,6 +112,9 @@ class RunSummary:
     failed_shards: dict[str, list[str]] = field(default_factory=dict)
     actors: list[dict[str, Any]] = field(default_factory=list)
     dry_run: bool = False
+    num_classes: int | None = None  # the checkpoint's
+    gt_labels_outside: int = 0  # rows whose ground-truth label is not one of its classes
+    gt_label_range: tuple[int, int] | None = None  # (min, max) ground-truth label seen
 
     @property
     def exit_code(self) -> int:
@@ -122,21 +131,51 @@ class RunSummary:
         self.seconds = outcome.seconds
         self.failed_shards = outcome.failed
         self.actors = [asdict(a) | {"images_per_second": a.images_per_second} for a in outcome.actors]
+        processed = [r for r in outcome.results if not r.skipped]
+        self.gt_labels_outside = sum(r.gt_labels_outside for r in processed)
+        ranges = [r.gt_label_range for r in processed if r.gt_label_range is not None]
+        if ranges:
+            self.gt_label_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+
+    def label_note(self) -> str | None:
+        """A line for the summary when ground-truth labels fall outside the checkpoint's classes."""
+        if not self.gt_labels_outside or self.num_classes is None or self.gt_label_range is None:
+            return None
+        lo, hi = self.gt_label_range
+        fewer = (
+            f"; the checkpoint has {self.num_classes} classes but the data's labels reach {hi}: "
+            "is this the checkpoint for this data?"
+            if hi >= self.num_classes
+            else ""
+        )
+        return (
+            f"{self.gt_labels_outside:,} rows have a ground-truth label outside the checkpoint's "
+            f"{self.num_classes} classes (0..{self.num_classes - 1}; labels seen: {lo}..{hi}): "
+            f"kept as given in gt_label{fewer}"
+        )
 
 
 # --- checks, before any work --------------------------------------------------------------
 
 
-def find_shards(spec: str, limit: int | None) -> list[str]:
-    """spec -> shard URLs."""
+def find_shards(spec: str, limit: int | None, say: Say | None = None) -> list[str]:
+    """spec -> shard URLs; the files below its prefixes that are not shards are said."""
     try:
-        urls = expand_shards(spec)
+        check_bucket(spec.strip())  # S3: credentials and endpoint first, in seconds, naming what to set
+        listing = find_shard_files(spec)
     except ValueError as e:
         raise BadInputError(str(e)) from None
     except (StorageError, PermissionError) as e:
         raise BadInputError(f"cannot list shards {spec!r}: {e}") from None
     except OSError as e:
         raise BadInputError(f"cannot list shards {spec!r}: {type(e).__name__}: {e}") from None
+    if listing.skipped and say is not None:
+        more = f" and {len(listing.skipped) - 10} more" if len(listing.skipped) > 10 else ""
+        say(
+            f"skipped {len(listing.skipped)} file(s) in {spec!r} that are not shards "
+            f"(*.tar, *.tar.gz, *.tgz): {', '.join(listing.skipped[:10])}{more}"
+        )
+    urls = listing.urls
     return urls[:limit] if limit else urls
 
 
@@ -153,7 +192,7 @@ def read_checkpoint(url: str) -> tuple[bytes, dict[str, Any]]:
     except (PermissionError, IsADirectoryError, OSError) as e:
         raise BadInputError(f"cannot read checkpoint {url}: {type(e).__name__}: {e}") from None
     try:
-        config = read_config(data, url)
+        config = check_weights(data, url)  # whole, and fits its config: fail here, not in every actor
         grid_shape(config)
     except ValueError as e:
         raise BadInputError(str(e)) from None
@@ -168,6 +207,17 @@ def check_output(url: str) -> None:
         raise BadInputError(f"--output: {e}") from None
     except OSError as e:
         raise BadInputError(f"--output: cannot write {url}: {type(e).__name__}: {e}") from None
+
+
+def check_run_dir(run_url: str) -> None:
+    """The run directory itself must take files (it may exist already, e.g. read-only or a file)."""
+    try:
+        check_writable(run_url)
+    except (StorageError, OSError) as e:
+        raise BadInputError(
+            f"--output: the run directory {run_url} cannot take files ({e}); make it writable, "
+            "or pick another --output or --run-id"
+        ) from None
 
 
 def check_frame(config: LocalizeConfig, model_config: dict[str, Any]) -> None:
@@ -227,7 +277,23 @@ def plan_run(shard_urls: list[str], output: str, run_id: str, overwrite: bool) -
     shards = [
         ShardPlan(url, output_url(run_url, url), f"{stem}.parquet" in existing) for stem, url in by_stem.items()
     ]
+    _check_done(shards, run_url)
     return RunPlan(run_id, run_url, shards, overwrite)
+
+
+def _check_done(shards: list[ShardPlan], run_url: str) -> None:
+    """Done means readable: an output whose footer does not read, or whose row count differs
+    from the manifest's, is redone (``redo`` says why). Footers are read in parallel."""
+    present = [s for s in shards if s.done]
+    if not present:
+        return
+    previous = _previous_manifest(run_url)
+    rows = {e.shard: e.rows for e in previous.shards if e.status == "done"} if previous else {}
+    with ThreadPoolExecutor(min(16, len(present))) as pool:
+        reasons = pool.map(lambda s: unfinished_reason(s.out_url, rows.get(s.shard_url)), present)
+        for shard, reason in zip(present, reasons):
+            if reason is not None:
+                shard.done, shard.redo = False, reason
 
 
 # --- cluster -------------------------------------------------------------------------------
@@ -274,13 +340,15 @@ def actor_resources(config: LocalizeConfig, cluster: dict[str, float], shards_to
 def run_localize(config: LocalizeConfig, out: TextIO | None = sys.stdout) -> RunSummary:
     say = _sayer(out)
     started = time.time()
-    shard_urls = find_shards(config.shards, config.limit)
+    shard_urls = find_shards(config.shards, config.limit, say)
     checkpoint, model_config = read_checkpoint(config.checkpoint)
     check_frame(config, model_config)
     check_output(config.output)
     rows = row_settings(config, model_config)
     run_id = config.run_id or default_run_id(config.shards, rows.model_sha256, run_id_settings(rows, config.precision))
     plan = plan_run(shard_urls, config.output, run_id, config.overwrite)
+    if not config.dry_run:
+        check_run_dir(plan.run_url)
     say(plan.describe())
     if rows.resize_crop is not None:
         say(f"input frame: {rows.resize_crop.describe()} (the official SAT test frame); boxes in original pixels")
@@ -292,6 +360,7 @@ def run_localize(config: LocalizeConfig, out: TextIO | None = sys.stdout) -> Run
         shards_done_before=plan.done,
         shards_todo=len(plan.todo),
         dry_run=config.dry_run,
+        num_classes=int(model_config["num_classes"]),
     )
     if config.dry_run:
         _say_todo(plan, say)
@@ -313,8 +382,10 @@ def run_localize(config: LocalizeConfig, out: TextIO | None = sys.stdout) -> Run
 
     summary.record(outcome)
     run = RunRecord(config, precision, plan, model_config, rows, resources, started)
-    summary.manifest_url = write_manifest(plan.run_url, build_manifest(run, outcome))
-    _say_summary(summary, outcome, say)
+    try:
+        summary.manifest_url = write_manifest(plan.run_url, build_manifest(run, outcome))
+    finally:  # the shards' own outcome is said even when the manifest cannot be written
+        _say_summary(summary, outcome, say)
     return summary
 
 
@@ -345,8 +416,11 @@ def _say_summary(summary: RunSummary, outcome: ScheduleOutcome, say: Say) -> Non
             f"actor {a.index} ({a.info.get('device', '?')}, gpus {a.info.get('gpu_ids', [])}): "
             f"{a.shards} shards, {a.images:,} images, {a.images_per_second:.1f} img/s busy{died}"
         )
+    note = summary.label_note()
+    if note:
+        say(note)
     for url, errs in outcome.failed.items():
-        say(f"FAILED {url} after {len(errs)} attempts: {errs[-1]}")
+        say(f"FAILED {url} after {len(errs)} attempt{'s' if len(errs) != 1 else ''}: {errs[-1]}")
     say(f"manifest: {summary.manifest_url}")
 
 
@@ -385,7 +459,11 @@ def _run_actors(
         f"batch {config.batch_size}, {precision}"
     )
     token = uuid.uuid4().hex
-    jobs = [ShardJob(s.shard_url, s.out_url, overwrite=config.overwrite, write_token=token) for s in plan.todo]
+    # A redone output (unreadable, or not the manifest's rows) is overwritten like --overwrite.
+    jobs = [
+        ShardJob(s.shard_url, s.out_url, overwrite=config.overwrite or s.redo is not None, write_token=token)
+        for s in plan.todo
+    ]
     scheduler = ShardScheduler(
         create_actor,
         resources.num_actors,
@@ -466,7 +544,9 @@ def _shard_entries(
             entry.status, entry.errors_by_attempt = "failed", outcome.failed[s.shard_url]
         elif r is not None and not r.skipped:
             entry = ShardEntry(s.shard_url, s.out_url, "done", rows=r.rows, errors=r.errors,
-                               seconds=round(r.seconds, 3), bytes=r.bytes_written, run_started=_iso(started))
+                               seconds=round(r.seconds, 3), bytes=r.bytes_written, run_started=_iso(started),
+                               gt_labels_outside=r.gt_labels_outside,
+                               gt_label_range=list(r.gt_label_range) if r.gt_label_range else None)
         elif s.shard_url in before and before[s.shard_url].status == "done":
             entry = before[s.shard_url]
         elif s.done or (r is not None and r.skipped):
@@ -489,6 +569,7 @@ def _timings(outcome: ScheduleOutcome, resources: ActorResources | None, started
         "shards_processed": sum(1 for r in outcome.results if not r.skipped),
         "images": outcome.images,
         "error_rows": outcome.errors,
+        "gt_labels_outside_classes": sum(r.gt_labels_outside for r in outcome.results if not r.skipped),
         "images_per_second": round(outcome.images / outcome.seconds, 2) if outcome.seconds else 0.0,
         "replaced_actors": outcome.replaced_actors,
         # Per shard: driver round trip minus the time inside the actor (scheduling cost).

@@ -7,7 +7,9 @@ Rules:
 - one shard per actor at a time; a shard is never in flight twice, so no output is
   written twice by one run (the worker also skips an output that already exists);
 - a shard that raises is retried up to ``max_retries`` times, each time on an actor
-  that has not tried it yet while such an actor is alive (with one actor, on that one);
+  that has not tried it yet while such an actor is alive (with one actor, on that one),
+  unless retrying cannot help (``retry_can_help``: not a tar, empty, missing): then it
+  fails at once with its reason;
 - an actor that dies (``RayActorError``: killed, OOM, node lost) is replaced by a new
   one, and its shard counts one attempt and goes back in the queue; the replacement gets
   work only once it has started, so when the cluster has no room for it (its node is
@@ -97,6 +99,18 @@ def _describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1]}"
 
 
+# Failures that the same input gives every time, whichever actor tries: not retried.
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def retry_can_help(e: BaseException) -> bool:
+    """False for a shard failure that the same input repeats (an exception whose class says
+    ``retryable = False``, such as the reader's ShardFormatError, or a missing shard); True
+    for the rest (network, I/O, lost objects), which a retry may get past."""
+    cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
+    return getattr(cause, "retryable", True) and not isinstance(cause, _PERMANENT)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -152,11 +166,11 @@ class _RunState:
         self.live_progress: dict[int, int] = {}
         self.stalled_since: float | None = None
 
-    def fail_or_retry(self, job: ShardJob, why: str, max_retries: int) -> None:
+    def fail_or_retry(self, job: ShardJob, why: str, max_retries: int, retryable: bool = True) -> None:
         errors = self.errors[job.shard_url]
         errors.append(why)
         self.outcome.attempts[job.shard_url] = len(errors)
-        if len(errors) > max_retries:
+        if len(errors) > max_retries or not retryable:
             self.outcome.failed[job.shard_url] = list(errors)
         else:
             self.pending.appendleft(job)  # retry soon, while the cause is fresh in the logs
@@ -309,7 +323,9 @@ class ShardScheduler:
             return
         except Exception as e:  # the shard itself failed (RayTaskError, lost object ...)
             state.tried_on[job.shard_url].add(slot.stats.index)
-            state.fail_or_retry(job, f"on actor {slot.stats.index}: {_describe_failure(e)}", self.max_retries)
+            state.fail_or_retry(
+                job, f"on actor {slot.stats.index}: {_describe_failure(e)}", self.max_retries, retry_can_help(e)
+            )
             return
         outcome = state.outcome
         outcome.attempts[job.shard_url] = len(state.errors[job.shard_url]) + 1

@@ -38,8 +38,8 @@ from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, ResizeCrop, no
 from pipeline.data.reader import Sample, decode_sample, read_samples
 from pipeline.data.storage import exists
 from pipeline.localize.messages import ShardJob, ShardResult
-from pipeline.localize.rows import RowSettings, localize_rows
-from pipeline.results.parquet import error_count, output_counts, write_shard_table, written_by
+from pipeline.localize.rows import RowSettings, gt_label_check, localize_rows
+from pipeline.results.parquet import error_count, output_counts, unfinished_reason, write_shard_table, written_by
 from pipeline.results.schema import localize_schema
 
 
@@ -187,7 +187,9 @@ class ShardLocalizer:
         return localize_rows(outputs.samples, outputs.logits, outputs.loc_maps, self.row_settings, self.schema)
 
     def already_written(self, job: ShardJob) -> bool:
-        if not exists(job.out_url):
+        """Done: the output exists and reads (a zero-byte or cut file is redone) and, with
+        ``overwrite``, was written by this run's earlier try."""
+        if not exists(job.out_url) or unfinished_reason(job.out_url) is not None:
             return False
         if not job.overwrite:
             return True
@@ -207,6 +209,9 @@ class ShardLocalizer:
             result.bytes_written = write_shard_table(job.out_url, table, job.write_token)
             result.write_seconds = time.perf_counter() - t0
             result.rows, result.errors = table.num_rows, error_count(table["status"])
+            result.gt_labels_outside, result.gt_label_range = gt_label_check(
+                table["gt_label"], int(self.config["num_classes"])
+            )
         result.seconds = time.perf_counter() - start
         return result
 

@@ -49,6 +49,10 @@ class ShardEntry:
     run_started: str | None = None  # the invocation that wrote the file
     errors_by_attempt: list[str] | None = None  # failed shards: why, per attempt
     attempts: int = 0
+    # Rows whose ground-truth label is outside the checkpoint's classes (kept, counted),
+    # and the (min, max) of the shard's ground-truth labels.
+    gt_labels_outside: int | None = None
+    gt_label_range: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -110,6 +114,7 @@ class Manifest:
             "shards_done": len(done),
             "rows": sum(s.rows or 0 for s in done),
             "error_rows": sum(s.errors or 0 for s in done),
+            "gt_labels_outside_classes": sum(s.gt_labels_outside or 0 for s in done),
             "failed_shards": self.failed_shards,
             "shards": [s.to_json() for s in self.shards],
             "timings": self.history[-1] if self.history else None,

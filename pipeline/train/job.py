@@ -47,7 +47,7 @@ from pipeline.data.storage import (
     write_bytes_atomic,
 )
 from pipeline.train.data import SplitIndex, TrainDataError, check_classes, index_split
-from pipeline.train.loop import TrainConfig, build_model
+from pipeline.train.loop import TrainConfig, build_model, trainable_parameters
 from pipeline.train.options import (
     TrainOptions,
     check_options,
@@ -303,6 +303,8 @@ def fitted_config(options: TrainOptions, train_index: SplitIndex, num_classes: i
         raise ValueError(f"--model-kwargs/--img-size: {cfg.model} does not accept {cfg.model_kwargs}: {e}") from None
     if pretrained_report(model) is not None:  # what the pretrained weights did not fill
         log(options, pretrained_report(model).summary())
+    trainable, total = trainable_parameters(model)
+    log(options, f"trainable parameters: {trainable:,} of {total:,} (--freeze {cfg.freeze})")
     workers = options.num_workers
     batch_size = min(cfg.batch_size, train_index.total - train_index.total % workers)
     if batch_size < workers:

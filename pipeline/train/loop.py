@@ -19,7 +19,9 @@ from model.precision import autocast_for
 from model.sat import SATVisionTransformer
 from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-FREEZE_MODES = ("none", "token")
+# none: everything trains; token: the spatial token, its embedding, the head and the gated
+# blocks; backbone: the spatial token, its embedding and the head only (a frozen backbone).
+FREEZE_MODES = ("none", "token", "backbone")
 # After the warm-up: cosine to zero, or constant (the official runs: constant lr, no warm-up).
 SCHEDULES = ("cosine", "constant")
 # fp16 would need a gradient scaler; bf16 does not. "auto" is resolved by the job
@@ -107,12 +109,29 @@ def is_token_or_head(name: str, model: nn.Module) -> bool:
     return any(name.startswith(f"blocks.{i}.") for i in reweighted_block_ids(model))
 
 
+def is_token_or_head_only(name: str) -> bool:
+    """What trains on a frozen backbone: the spatial token, its embedding and the head."""
+    return name.startswith(TOKEN_PARAMS) or name.startswith("head.")
+
+
 def apply_freeze(model: nn.Module, mode: str) -> None:
-    """``token``: only the spatial token, its embedding, the head and the gated blocks train."""
+    """``token``: only the spatial token, its embedding, the head and the gated blocks train.
+    ``backbone``: only the spatial token, its embedding and the head train; the backbone's
+    weights get no gradient (backward still runs through it to reach the spatial token,
+    which every block attends to), so the step skips their weight gradients and updates."""
     if mode not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {mode!r}")
     for name, p in model.named_parameters():
-        p.requires_grad_(mode == "none" or is_token_or_head(name, model))
+        if mode == "backbone":
+            p.requires_grad_(is_token_or_head_only(name))
+        else:
+            p.requires_grad_(mode == "none" or is_token_or_head(name, model))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 
 from model.factory import model_kwargs as resolve_model_kwargs
-from model.factory import split_name
+from model.factory import PRETRAINED_BACKBONES, split_name
 from model.losses import SATLossConfig
 from model.precision import resolve_precision
 from pipeline.data.preprocess import train_resize_size
@@ -145,7 +145,8 @@ def input_size(cfg: TrainConfig) -> int:
 
 
 def is_deit_size(model: str) -> bool:
-    return split_name(model)[1].startswith("deit_")
+    """A full-size backbone meant to start from pretrained weights (DeiT, DINOv2, DeiT III)."""
+    return split_name(model)[1] in PRETRAINED_BACKBONES
 
 
 def option_warnings(options: TrainOptions) -> list[str]:
@@ -153,8 +154,8 @@ def option_warnings(options: TrainOptions) -> list[str]:
     name = resolve_model_name(options.train.model, options.method)
     if is_deit_size(name) and not options.train.pretrained:
         return [f"{name} is trained from random weights (no --pretrained): SAT fine-tunes pretrained "
-                "DeiT weights (DESIGN §5); from scratch it does not beat CAM. Give --pretrained "
-                "deit_small.pth (or a timm hub name) unless this is on purpose"]
+                "weights (DESIGN §5: DeiT; or DINOv2 / DeiT III); from scratch it does not beat CAM. Give "
+                "--pretrained deit_small.pth (or a timm hub name) unless this is on purpose"]
     return []
 
 

@@ -146,8 +146,9 @@ def test_gt_shards_give_boxes_labels_and_masks(tmp_path):
     mask = np.zeros((224, 224), dtype=np.uint8)
     mask[32:96, 32:96] = 255
     image = np.zeros((224, 224, 3), dtype=np.uint8)
-    shard = write_shard(
-        str(tmp_path / "gt-000000.tar"),
+    os.makedirs(tmp_path / "gt")
+    shard = write_shard(  # the shard the rows came from (data/shard-000000.tar), copied elsewhere
+        str(tmp_path / "gt" / "shard-000000.tar"),
         [
             {"key": "a", "image": image, "json": {"label": 1, "class_name": "cat", "boxes": [BLOB_BOX]}, "mask": mask},
             {"key": "b", "image": image, "json": {"label": 2, "boxes": [[150, 150, 200, 200]]}},
@@ -199,7 +200,7 @@ def test_any_fsspec_url_works(tmp_path):
         r = evaluate_run("memory://satloc-test/val")
         assert r["run_id"] == "val" and r["gt_known_loc"] == pytest.approx(200 / 3)
         export_pseudo_boxes("memory://satloc-test/val", "yolo", "memory://satloc-test/yolo")
-        assert fs.cat_file("/satloc-test/yolo/a.txt").decode().startswith("1 ")
+        assert fs.cat_file("/satloc-test/yolo/shard-000000__a.txt").decode().startswith("1 ")
     finally:
         fs.rm("/satloc-test", recursive=True)
 
@@ -303,3 +304,118 @@ def test_a_manifest_in_the_old_test_only_shape_says_what_to_do(tmp_path):
     assert proc.returncode == 2 and "old shape" in proc.stderr and "Traceback" not in proc.stderr
     os.remove(os.path.join(run, "_manifest.json"))  # what the message offers: the files alone
     assert evaluate_run(run)["gt_known_loc"] == pytest.approx(200 / 3)
+
+
+# --- issue 14 (5): --gt-shards joins on (shard, key) ---------------------------------------------
+
+
+def _gt_shard(path, boxes_by_key: dict[str, list[float]], mask_box: tuple[int, int, int, int] | None = None) -> str:
+    image = np.zeros((224, 224, 3), dtype=np.uint8)
+    samples = []
+    for key, box in boxes_by_key.items():
+        sample = {"key": key, "image": image, "json": {"label": 1, "boxes": [box]}}
+        if mask_box is not None:
+            mask = np.zeros((224, 224), dtype=np.uint8)
+            x0, y0, x1, y1 = mask_box
+            mask[y0:y1, x0:x1] = 255
+            sample["mask"] = mask
+        samples.append(sample)
+    return write_shard(str(path), samples)
+
+
+def test_gt_shards_join_on_shard_and_key(tmp_path):
+    """Both shards number their samples a, b: each row gets the truth of its own shard."""
+    rows = {
+        "part-000000": [make_row(k, loc_map=BLOB, label=1, shard="data/part-000000.tar") for k in "ab"],
+        "part-000001": [make_row(k, loc_map=BLOB, label=1, shard="data/part-000001.tar") for k in "ab"],
+    }
+    run = write_run(str(tmp_path), "r", rows)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    _gt_shard(gt / "part-000000.tar", {"a": BLOB_BOX, "b": BLOB_BOX})  # on the blob: located
+    _gt_shard(gt / "part-000001.tar", {"a": [150.0, 150.0, 200.0, 200.0], "b": [150.0, 150.0, 200.0, 200.0]})
+    r = evaluate_run(run, gt_shards=str(gt) + "/")
+    assert r["num_loc_images"] == 4 and r["gt_known_loc"] == 50.0
+
+
+def test_gt_shards_of_another_data_set_with_the_same_keys_are_refused(tmp_path):
+    """The same key names in shards of another name: refused, never a PxAP against the wrong masks."""
+    rows = [make_row(k, loc_map=BLOB, label=1, shard="data/val-000000.tar") for k in "ab"]
+    run = write_run(str(tmp_path), "r", {"val-000000": rows})
+    other = _gt_shard(tmp_path / "train-000000.tar", {"a": [0.0, 0.0, 50.0, 50.0], "b": [0.0, 0.0, 50.0, 50.0]},
+                      mask_box=(0, 0, 50, 50))
+    with pytest.raises(ValueError, match="the row of key 'a' comes from shard val-000000 but the ground truth has "
+                                         "that key only in train-000000; .* point --gt-shards at the shards"):
+        evaluate_run(run, gt_shards=other)
+
+
+def test_gt_shards_with_one_shard_name_twice_are_ambiguous(tmp_path):
+    rows = [make_row("a", loc_map=BLOB, label=1, shard="data/val-000000.tar")]
+    run = write_run(str(tmp_path), "r", {"val-000000": rows})
+    for d in ("x", "y"):
+        os.makedirs(tmp_path / d)
+        _gt_shard(tmp_path / d / "val-000000.tar", {"a": BLOB_BOX})
+    with pytest.raises(ValueError, match="key 'a' is twice in shards named val-000000 .* ambiguous"):
+        evaluate_run(run, gt_shards=f"{tmp_path}/{{x,y}}/val-000000.tar")
+
+
+# --- issue 14 (7): S3 without credentials or endpoint: clear errors, exit 2 ---------------------
+
+
+def test_s3_predictions_without_credentials_or_endpoint_are_clear_errors(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from pipeline.data.storage import StorageError
+    from pipeline.evaluation.pseudo_boxes import export_pseudo_boxes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
+    for name in [n for n in os.environ if n.startswith("AWS_") and n != "AWS_CA_BUNDLE"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    no_keys = "no S3 credentials for bucket 'satloc' .* set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    with pytest.raises(StorageError, match=no_keys):
+        evaluate_run("s3://satloc/out/run1")
+    with pytest.raises(StorageError, match=no_keys):
+        export_pseudo_boxes("s3://satloc/out/run1", "coco", str(tmp_path / "p.json"))
+    proc = subprocess.run(
+        [sys.executable, "jobs/evaluate_wsol.py", "--predictions", "s3://satloc/out/run1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )
+    assert proc.returncode == 2 and "set AWS_ACCESS_KEY_ID" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=f"at endpoint {endpoint} does not answer .* check AWS_ENDPOINT_URL"):
+        evaluate_run("s3://satloc/out/run1")
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "p.json").exists()
+
+
+# --- issue 14 (6): evaluation memory does not grow with the largest GT-box count ------------------
+
+
+def test_one_image_with_many_gt_boxes_does_not_blow_up_evaluation_memory(tmp_path):
+    """600 images, one with 30,000 GT boxes: padding every image to 30,000 boxes would take
+    600 x 30,000 x 4 int64 = 576 MB (and a float64 copy per chunk); the traced peak stays far below."""
+    import tracemalloc
+
+    rows = [make_row(f"k{i:04d}", loc_map=BLOB, label=1, gt_label=1, gt_boxes=[BLOB_BOX]) for i in range(600)]
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 150, (30_000, 2))
+    rows[7]["gt_boxes"] = np.concatenate([xy, xy + 60], axis=1).tolist()
+    rows[7]["gt_boxes"][0] = BLOB_BOX
+    run = write_run(str(tmp_path), "many", {"shard-000000": rows})
+    tracemalloc.start()
+    try:
+        r = evaluate_run(run, workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r["num_loc_images"] == 600 and r["gt_known_loc"] == 100.0
+    assert peak < 150 * 2**20, f"peak {peak / 2**20:.0f} MiB"

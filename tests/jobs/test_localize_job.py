@@ -505,3 +505,46 @@ def test_ray_job_submit_against_a_head_cluster(data, first_run, head_cluster, tm
     for stem, table in _read_run(str(out / "submitted")).items():
         cols = ["key", "label", "loc_map", "boxes"]
         assert table.select(cols).equals(local[stem].select(cols))
+
+
+# --- Ctrl-C (issue 14, 7) -----------------------------------------------------------------------
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_whole_files(data, tmp_path):
+    """SIGINT to the job's process group (what Ctrl-C sends) once its actor is working: exit 130,
+    one line on stderr and no traceback; every Parquet file there reads whole, no temp file, no
+    manifest (a rerun skips the written shards)."""
+    import signal
+
+    write_synthetic_shards(str(tmp_path / "shards"), "val", 48 * 8, seed=0, shard_size=8)
+    ray_tmp = tempfile.mkdtemp(prefix="rc_", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/localize_shards.py", "--shards", str(tmp_path / "shards") + "/",
+         "--checkpoint", data["checkpoint"], "--output", str(out), "--run-id", "r", "--num-actors", "1",
+         "--cpus-per-actor", "1", "--batch-size", str(BATCH), "--precision", "fp32"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "[localize] actor 0 ready" in line:
+                time.sleep(1.0)
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130, stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if "Ctrl-C" in line]
+    assert len(ours) == 1 and ours[0].startswith("interrupted (Ctrl-C): shards written so far are whole"), stderr
+    assert stderr.strip().splitlines()[-1] == ours[0]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    names = sorted(os.listdir(out / "r"))
+    assert "_manifest.json" not in names and not [n for n in names if n.startswith(".")], names
+    assert len(names) < 48  # interrupted, not finished
+    for name in names:
+        assert pq.read_table(out / "r" / name).num_rows == 8, name

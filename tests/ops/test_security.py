@@ -281,4 +281,5 @@ def test_hostile_keys_stay_inside_every_output_directory(secured_run, tmp_path):
     assert len(yolo_files) == 12 + len(HOSTILE_KEYS) + 1  # one per image + classes.txt
     assert not (tmp_path / "a" / "x.txt").exists() and not Path("/abs/evil.txt").exists()
     coco_names = {im["file_name"] for im in json.loads(coco.read_text())["images"]}
-    assert set(HOSTILE_KEYS) <= coco_names  # kept as data inside the JSON, never used as paths
+    # kept as data inside the JSON (<shard-stem>/<key>), never used as paths
+    assert {f"hostile-000000/{k}" for k in HOSTILE_KEYS} <= coco_names

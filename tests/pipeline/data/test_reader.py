@@ -286,3 +286,147 @@ def test_streams_without_reading_the_whole_shard(tmp_path, monkeypatch):
     samples.close()  # the consumer stops early: the prefetch thread must stop too
     assert counter["bytes"] <= 4 * 64 * 1024 + 200_000  # a few blocks, not 2 MB
     assert not [t for t in threading.enumerate() if t.name == "shard-prefetch"]
+
+
+# --- issue 14: per-sample isolation, bounded metadata, sample identity ------------------
+
+
+def _member(name, data=b"", kind=tarfile.REGTYPE, linkname=""):
+    return name, data, kind, linkname
+
+
+def typed_tar(members) -> bytes:
+    """A tar whose members may be links, directories or FIFOs: (name, data, type, linkname)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data, kind, linkname in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, linkname
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def test_labels_outside_int32_or_not_integers_are_error_rows_naming_the_member(tmp_path):
+    def with_json(key, meta):
+        return [(f"{key}.jpg", image_bytes()), (f"{key}.json", json.dumps(meta).encode())]
+
+    members = (
+        good_sample("a")
+        + [("b.cls", b"99999999999999999999"), ("b.jpg", image_bytes())]
+        + [("c.cls", b"3000000000"), ("c.jpg", image_bytes())]
+        + with_json("d", {"label": 1e30})
+        + with_json("e", {"label": 1.5})
+        + with_json("f", {"label": True})
+        + with_json("g", {"label": 4.0})  # an integer written as a float is that integer
+        + [("h.cls", b"-2147483648"), ("h.jpg", image_bytes())]
+        + good_sample("z")
+    )
+    samples = by_key(read_samples(write(tmp_path, members)))
+    assert list(samples) == ["a", "b", "c", "d", "e", "f", "g", "h", "z"]
+    assert [k for k, s in samples.items() if s.ok] == ["a", "g", "h", "z"]
+    assert samples["g"].label == 4 and samples["h"].label == -(2**31)
+    assert "member 'b.cls'" in samples["b"].error and "int32" in samples["b"].error
+    assert "member 'c.cls'" in samples["c"].error and "3000000000" in samples["c"].error
+    assert "member 'd.json'" in samples["d"].error and "int32" in samples["d"].error
+    assert "member 'e.json'" in samples["e"].error and "not an integer" in samples["e"].error
+    assert "not an integer" in samples["f"].error
+
+
+def test_deep_or_huge_json_is_an_error_row_not_a_lost_shard(tmp_path, monkeypatch):
+    from pipeline.data import reader
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    tricky = json.dumps({"label": 1, "note": "[[[[" * 50}).encode()  # brackets in strings do not count
+    members = (
+        [("a.jpg", image_bytes()), ("a.json", deep)]
+        + [("b.jpg", image_bytes()), ("b.json", tricky)]
+        + [("c.jpg", image_bytes()), ("c.json", b'{"pad": "' + b"x" * 400_000 + b'"}')]
+        + good_sample("d")
+    )
+    monkeypatch.setattr(reader, "MAX_JSON_BYTES", 300_000)
+    samples = by_key(read_samples(write(tmp_path, members)))
+    assert list(samples) == ["a", "b", "c", "d"]
+    assert "member 'a.json' nests 100000 levels" in samples["a"].error
+    assert samples["b"].ok and samples["b"].label == 1
+    assert "member 'c.json'" in samples["c"].error and "300,000-byte limit" in samples["c"].error
+    assert samples["d"].ok
+
+
+def test_non_finite_or_inverted_boxes_are_error_rows(tmp_path):
+    def with_boxes(key, text):
+        return [(f"{key}.jpg", image_bytes()), (f"{key}.json", b'{"boxes": ' + text + b"}")]
+
+    members = (
+        with_boxes("nan", b"[[0, 0, NaN, 4]]")
+        + with_boxes("inf", b"[[0, 0, Infinity, 4]]")
+        + with_boxes("big", b"[[0, 0, 1e39, 4]]")  # finite in Python, infinite as float32
+        + with_boxes("inverted", b"[[6, 1, 2, 4]]")
+        + with_boxes("flat", b"[[2, 1, 2, 4]]")  # zero width is a box, not an inverted one
+        + with_boxes("ok", b"[[0, 0, 8, 6]]")
+    )
+    samples = by_key(read_samples(write(tmp_path, members)))
+    for key in ("nan", "inf", "big"):
+        assert f"member '{key}.json'" in samples[key].error and "not finite" in samples[key].error
+    assert "inverted" in samples["inverted"].error
+    assert samples["flat"].ok and samples["ok"].ok and samples["ok"].gt_boxes == [[0.0, 0.0, 8.0, 6.0]]
+
+
+def test_any_failure_parsing_one_sample_is_its_error_row(tmp_path, monkeypatch):
+    from pipeline.data import reader
+
+    real = reader._parse_metadata
+
+    def parse(sample, members):
+        if sample.key == "b":
+            raise MemoryError("pretend")
+        return real(sample, members)
+
+    monkeypatch.setattr(reader, "_parse_metadata", parse)
+    samples = list(read_samples(write(tmp_path, good_sample("a") + good_sample("b") + good_sample("c"))))
+    assert [(s.key, s.ok) for s in samples] == [("a", True), ("b", False), ("c", True)]
+    assert "sample 'b'" in samples[1].error and "cls" in samples[1].error and "MemoryError: pretend" in samples[1].error
+
+
+def test_a_repeated_key_is_a_row_per_occurrence_never_an_overwrite(tmp_path):
+    first = [("a.cls", b"1"), ("a.jpg", image_bytes(color=(255, 0, 0)))]
+    again = [("a.cls", b"2"), ("a.jpg", image_bytes(color=(0, 0, 255)))]
+    samples = list(read_samples(write(tmp_path, first + again + good_sample("b") + [("a.cls", b"3")])))
+    assert [s.key for s in samples] == ["a", "a", "b", "a"]
+    assert samples[0].ok and samples[0].label == 1  # the first occurrence is the sample
+    assert not samples[1].ok and "occurs again" in samples[1].error and "right after" in samples[1].error
+    assert "occurrence 2" in samples[1].error
+    assert "not contiguous" in samples[3].error and "occurrence 3" in samples[3].error
+
+
+def test_link_device_and_directory_members_are_named_in_an_error_row(tmp_path):
+    members = [
+        _member("a.jpg", image_bytes()),
+        _member("a.cls", b"1"),
+        _member("only_link.jpg", kind=tarfile.SYMTYPE, linkname="a.jpg"),  # a sample made only of a link
+        _member("h.cls", b"2"),
+        _member("h.jpg", kind=tarfile.LNKTYPE, linkname="a.jpg"),
+        _member("dir.jpg", kind=tarfile.DIRTYPE),
+        _member("fifo.png", kind=tarfile.FIFOTYPE),
+        _member("sub", kind=tarfile.DIRTYPE),  # a plain folder entry: no sample
+        _member("sub/b.jpg", image_bytes()),
+    ]
+    path = tmp_path / "links.tar"
+    path.write_bytes(typed_tar(members))
+    samples = list(read_samples(str(path)))
+    assert [(s.key, s.ok) for s in samples] == [
+        ("a", True), ("only_link", False), ("h", False), ("dir", False), ("fifo", False), ("sub/b", True)
+    ]
+    errors = {s.key: s.error for s in samples}
+    assert "member 'only_link.jpg' is a symbolic link" in errors["only_link"]
+    assert "member 'h.jpg' is a hard link" in errors["h"]
+    assert "member 'dir.jpg' is a directory" in errors["dir"]
+    assert "member 'fifo.png' is a device or FIFO" in errors["fifo"]
+
+
+def test_an_empty_or_non_tar_shard_is_a_format_error_that_retrying_cannot_fix(tmp_path):
+    for name, data in (("empty.tar", b""), ("text.tar", b"not a tar at all " * 64)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ShardFormatError, match=name) as info:
+            list(read_samples(str(tmp_path / name)))
+        assert info.value.retryable is False

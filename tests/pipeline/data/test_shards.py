@@ -111,3 +111,33 @@ def test_s3_prefix_and_braces(s3_env):
     assert f"{base}/train-000003.tar" in expand_shards(f"{base}/")
     with pytest.raises(ValueError, match="matches no shard"):
         expand_shards(f"s3://{s3_env.bucket}/no-such-prefix/")
+
+
+def test_prefix_reads_compressed_tars_and_names_every_other_file(shard_dir):
+    """Issue 14: a .tar.gz below a prefix is read, and the files that are not shards are named."""
+    import gzip
+
+    from pipeline.data.reader import read_samples
+    from pipeline.data.shards import find_shard_files
+
+    (shard_dir / "zipped-000000.tar.gz").write_bytes(gzip.compress(TAR))
+    (shard_dir / "zipped-000001.TGZ").write_bytes(gzip.compress(TAR))
+    listing = find_shard_files(f"{shard_dir}/")
+    names = [u[len(str(shard_dir)) + 1 :] for u in listing.urls]
+    assert names == [
+        "sub/extra-000000.tar", "train-000000.tar", "train-000001.tar", "val-000000.tar",
+        "zipped-000000.tar.gz", "zipped-000001.TGZ",
+    ]
+    assert listing.skipped == [f"{shard_dir}/notes.txt"]
+    assert expand_shards(f"{shard_dir}/") == listing.urls
+    assert [s.ok for s in read_samples(listing.urls[4])] == [True]
+
+
+def test_localize_says_the_files_it_skips(shard_dir):
+    from pipeline.localize.run import find_shards
+
+    said = []
+    urls = find_shards(f"{shard_dir}/", None, said.append)
+    assert len(urls) == 4
+    assert said == [f"skipped 1 file(s) in '{shard_dir}/' that are not shards (*.tar, *.tar.gz, *.tgz): "
+                    f"{shard_dir}/notes.txt"]

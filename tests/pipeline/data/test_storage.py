@@ -135,3 +135,21 @@ def test_read_parquet_columns_metadata_and_a_clean_exit(tmp_path):
     for _ in range(5):
         proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
         assert (proc.returncode, proc.stdout.strip()) == (0, "2"), proc.stderr
+
+
+def test_an_unreadable_parquet_file_is_named(tmp_path):
+    """Issue 14: not pyarrow's "Could not open Parquet input source '<Buffer>'" without a name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"status": ["ok"] * 100}), good)
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "cut.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for name in ("empty.parquet", "cut.parquet"):
+        url = str(tmp_path / name)
+        for read in (storage.read_parquet, storage.read_parquet_metadata, storage.parquet_row_count):
+            with pytest.raises(ValueError, match=f"cannot read Parquet file {url}: .*rerun") as info:
+                read(url)
+            assert isinstance(info.value, storage.ParquetReadError) and info.value.url == url
+    assert storage.parquet_row_count(str(good)) == 100

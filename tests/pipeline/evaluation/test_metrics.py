@@ -617,3 +617,27 @@ def test_fused_levels_equal_quantised_score_maps():
     direct = metrics.sweep_wsol_boxes(metrics.wsol_score_maps(cams), gt)
     np.testing.assert_array_equal(via_maps.largest_iou, direct.largest_iou)
     np.testing.assert_array_equal(via_maps.best_iou, direct.best_iou)
+
+
+def test_per_image_gt_boxes_pad_per_chunk_and_give_the_padded_sweep():
+    """Issue 14 (6): the list form pads each chunk on its own (an image with many boxes is a
+    chunk of its own) and gives exactly the IoUs of the one padded (n, G, 4) array."""
+    rng = np.random.default_rng(5)
+    n = 40
+    loc_maps = rng.integers(0, 256, (n, 14, 14), dtype=np.uint8)
+    gt = [[[10.0, 10.0, 120.0, 90.0]] for _ in range(n)]
+    gt[3] = None
+    xy = rng.uniform(0, 150, (500, 2))
+    gt[17] = np.concatenate([xy, xy + 50], axis=1).tolist()
+    widths, heights = np.full(n, 224.0), np.full(n, 200.0)
+    as_list = metrics.wsol_gt_box_list(gt, widths, heights)
+    padded = metrics.wsol_gt_boxes(gt, widths, heights)
+    assert padded.shape == (n, 500, 4) and [len(b) for b in as_list].count(500) == 1
+    np.testing.assert_array_equal(metrics.pad_gt_boxes(as_list), padded)
+    taus = np.linspace(0, 1, 21)
+    a = metrics.sweep_loc_maps(loc_maps, padded, taus, chunk=8)
+    b = metrics.sweep_loc_maps(loc_maps, as_list, taus, chunk=8)
+    np.testing.assert_array_equal(a.largest_iou, b.largest_iou)
+    np.testing.assert_array_equal(a.best_iou, b.best_iou)
+    assert metrics._chunk_bounds([len(x) for x in as_list], 8, 999) == [
+        (0, 8), (8, 16), (16, 17), (17, 18), (18, 26), (26, 34), (34, 40)]

@@ -17,6 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 NAMES = ["cat", "dog", "bird"]
 
 
+def _key(file_name: str) -> str:
+    """The key of a COCO ``file_name`` (``<shard-stem>/<key>``) of the fixture's one shard."""
+    assert file_name.startswith("shard-000000/"), file_name
+    return file_name[len("shard-000000/"):]
+
+
 def _rows() -> list[dict]:
     return [
         make_row("img-b", label=1, score=0.95, class_name="dog", width=640, height=480, fg_ratio=0.2,
@@ -42,7 +48,7 @@ def test_coco_loads_in_pycocotools_and_round_trips_exactly(run, tmp_path):
     summary = export_pseudo_boxes(run, "coco", out)
     coco = COCO(out)
     assert summary["images"] == 4 and summary["boxes"] == 5
-    images = {im["file_name"]: im for im in coco.dataset["images"]}
+    images = {_key(im["file_name"]): im for im in coco.dataset["images"]}
     # Ids follow key order over all good rows: ../../escape, img-a, img-b, img-c.
     assert [images[k]["id"] for k in ("../../escape", "img-a", "img-b", "img-c")] == [1, 2, 3, 4]
     assert (images["img-b"]["width"], images["img-b"]["height"]) == (640, 480)
@@ -64,16 +70,16 @@ def test_ids_are_deterministic_and_do_not_depend_on_filters(run, tmp_path):
     export_pseudo_boxes(run, "coco", b)
     assert open(a, "rb").read() == open(b, "rb").read()
     export_pseudo_boxes(run, "coco", c, BoxFilter(min_score=0.9))
-    kept = {im["file_name"]: im["id"] for im in json.load(open(c))["images"]}
+    kept = {_key(im["file_name"]): im["id"] for im in json.load(open(c))["images"]}
     assert kept == {"../../escape": 1, "img-b": 3}
 
 
 def test_filters(run, tmp_path):
     def keys(filt, classes=None):
         out = str(tmp_path / "f.json")
-        export_pseudo_boxes(run, "coco", out, filt, classes)
+        export_pseudo_boxes(run, "coco", out, filt, classes, overwrite=True)
         doc = json.load(open(out))
-        return sorted(im["file_name"] for im in doc["images"]), len(doc["annotations"])
+        return sorted(_key(im["file_name"]) for im in doc["images"]), len(doc["annotations"])
 
     assert keys(BoxFilter(min_score=0.5)) == (["../../escape", "img-a", "img-b"], 4)
     assert keys(BoxFilter(min_fg_ratio=0.25, max_fg_ratio=0.6)) == (["../../escape", "img-a"], 2)
@@ -102,7 +108,7 @@ def test_yolo_one_file_per_image_normalised_and_never_outside_the_output(run, tm
     assert not (tmp_path.parent / "escape.txt").exists() and not any(tmp_path.parent.glob("*escape*"))
     escaped = [f for f in files if "escape" in f]
     assert len(escaped) == 1 and "/" not in escaped[0] and not escaped[0].startswith(".")
-    lines = (out / "img-b.txt").read_text().splitlines()
+    lines = (out / "shard-000000__img-b.txt").read_text().splitlines()
     cls, cx, cy, w, h = lines[0].split()
     assert cls == "1"
     assert float(cx) == pytest.approx((10.3 + 300.9) / 2 / 640, abs=1e-6)
@@ -138,3 +144,108 @@ def test_cli_prints_coco_ap_against_ground_truth(run, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "valid classes: cat (0), dog (1), bird (2)" in bad.stderr
+
+
+# --- issue 14 (5): names unique across shards, outputs never clobbered, bounds checked ----------
+
+
+def _repeating_keys_run(tmp_path) -> str:
+    """Two shards numbering their samples alike, and a sample whose key is ``classes``."""
+    def rows(shard: str, label: int) -> list[dict]:
+        return [make_row(key, label=label, class_name=NAMES[label], shard=f"data/{shard}.tar",
+                         boxes=[(1.0, 2.0, 11.0, 12.0, 0.8)]) for key in ("000001", "000002", "classes")]
+
+    shards = {"part-000000": rows("part-000000", 0), "part-000001": rows("part-000001", 1)}
+    return write_run(str(tmp_path), "rep", shards,
+                     manifest={"model_config": {"class_names": NAMES}})
+
+
+def test_yolo_names_are_unique_across_shards_and_never_the_class_list(tmp_path):
+    run = _repeating_keys_run(tmp_path)
+    out = tmp_path / "yolo"
+    summary = export_pseudo_boxes(run, "yolo", str(out))
+    files = sorted(os.listdir(out))
+    assert files == ["classes.txt"] + [f"part-00000{s}__{k}.txt" for s in "01" for k in ("000001", "000002", "classes")]
+    assert summary["images"] == 6 and summary["boxes"] == 6 and summary["files"] == len(files) == 7
+    assert (out / "classes.txt").read_text() == "cat\ndog\nbird\n"
+    assert (out / "part-000000__000001.txt").read_text().startswith("0 ")
+    assert (out / "part-000001__000001.txt").read_text().startswith("1 ")
+
+
+def test_coco_file_names_are_unique_across_shards(tmp_path):
+    run = _repeating_keys_run(tmp_path)
+    doc_path = tmp_path / "p.json"
+    export_pseudo_boxes(run, "coco", str(doc_path))
+    doc = json.load(open(doc_path))
+    names = [im["file_name"] for im in doc["images"]]
+    assert sorted(names) == sorted(f"part-00000{s}/{k}" for s in "01" for k in ("000001", "000002", "classes"))
+    by_name = {im["file_name"]: im["id"] for im in doc["images"]}
+    labels = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    assert labels[by_name["part-000000/000001"]] == 0 and labels[by_name["part-000001/000001"]] == 1
+
+
+def test_a_key_repeated_inside_one_shard_still_gets_its_own_file(tmp_path):
+    rows = [make_row("k", label=0, boxes=[(1.0, 1.0, 5.0, 5.0, 0.9)]), make_row("k", label=1),
+            make_row("k-2", label=2)]
+    run = write_run(str(tmp_path), "dup", {"shard-000000": rows})
+    summary = export_pseudo_boxes(run, "yolo", str(tmp_path / "y"))
+    files = sorted(os.listdir(tmp_path / "y"))
+    assert len(files) == summary["files"] == 3 and len(set(files)) == 3
+    assert {f.split(" ")[0] for f in (open(tmp_path / "y" / n).read() for n in files)} == {"0", "1", "2"}
+
+
+def test_existing_output_is_refused_unless_overwrite(run, tmp_path):
+    coco = tmp_path / "p.json"
+    coco.write_text("precious")
+    with pytest.raises(ValueError, match=f"--output {coco} exists; pass --overwrite"):
+        export_pseudo_boxes(run, "coco", str(coco))
+    assert coco.read_text() == "precious"
+    export_pseudo_boxes(run, "coco", str(coco), overwrite=True)
+    assert json.load(open(coco))["images"]
+    yolo = tmp_path / "y"
+    yolo.mkdir()
+    (yolo / "old.txt").write_text("0 0.5 0.5 1 1\n")
+    with pytest.raises(ValueError, match=f"--output {yolo} is a directory that is not empty; pass --overwrite"):
+        export_pseudo_boxes(run, "yolo", str(yolo))
+    assert sorted(os.listdir(yolo)) == ["old.txt"]
+    assert export_pseudo_boxes(run, "yolo", str(yolo), overwrite=True)["files"] == 5
+    with pytest.raises(ValueError, match="is a directory; --format coco writes one JSON file"):
+        export_pseudo_boxes(run, "coco", str(yolo), overwrite=True)
+
+
+def test_min_score_outside_0_1_is_refused():
+    for bad in (5.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="--min-score is a class probability in \\[0, 1\\]"):
+            BoxFilter(min_score=bad)
+
+
+def test_output_in_an_unwritable_place_is_refused_before_writing(run, tmp_path):
+    from pipeline.data.storage import StorageError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is a file; --format yolo writes a directory"):
+        export_pseudo_boxes(run, "yolo", str(blocker))
+    with pytest.raises(StorageError, match=f"--output: cannot write {blocker}/y"):
+        export_pseudo_boxes(run, "yolo", str(blocker / "y"))
+    with pytest.raises(StorageError, match=f"--output: cannot write {blocker}"):
+        export_pseudo_boxes(run, "coco", str(blocker / "p.json"))
+    assert blocker.read_text() == "x"
+
+
+def test_cli_existing_or_unwritable_output_and_bad_score_exit_2_without_traceback(run, tmp_path):
+    existing = tmp_path / "p.json"
+    existing.write_text("precious")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["--format", "coco", "--output", str(existing)], f"--output {existing} exists; pass --overwrite"),
+        (["--format", "coco", "--output", str(blocker / "p.json")], f"cannot write {blocker}"),
+        (["--format", "coco", "--output", str(tmp_path / "q.json"), "--min-score", "5"], "--min-score"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "jobs/export_pseudo_boxes.py", "--predictions", run, *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert existing.read_text() == "precious" and not (tmp_path / "q.json").exists()

@@ -186,3 +186,31 @@ def test_rows_write_plain_parquet_types(tmp_path):
     assert back.schema.field("loc_map").type == pa.list_(pa.uint8(), 4)
     assert back.schema.metadata[b"satloc.loc_map_shape"] == b"2,2"
     assert back["loc_map"].to_pylist() == [[128, 128, 128, 128]]
+
+
+def test_a_row_arrow_cannot_store_is_that_samples_error_row_not_a_lost_batch():
+    """Issue 14: a key with bytes that are not UTF-8 (tar names keep them as surrogates) or a
+    label beyond int32 fails only its own row, which names the key and the column."""
+    schema = localize_schema(2, 2)
+    samples = [
+        Sample(key="a", shard="s.tar", error="e", label=1),
+        Sample(key="b\udcff", shard="s.tar", error="e"),
+        Sample(key="c", shard="s.tar", error="e", label=2**40),
+        Sample(key="d", shard="s.tar", error="e", label=3),
+    ]
+    table = localize_rows(samples, torch.zeros(0, 4), torch.zeros(0, 1, 2, 2), _settings(), schema)
+    rows = table.to_pylist()
+    assert [r["key"] for r in rows] == ["a", "b\\udcff", "c", "d"]
+    assert [r["gt_label"] for r in rows] == [1, None, None, 3]
+    assert "row for sample 'b\\udcff' cannot be stored: key" in rows[1]["error"]
+    assert "row for sample 'c' cannot be stored: gt_label" in rows[2]["error"]
+    assert all(r["status"] == "error" and r["model_sha256"] == SHA for r in rows)
+
+
+def test_gt_labels_outside_the_checkpoint_classes_are_counted():
+    from pipeline.localize.rows import gt_label_check
+
+    labels = pa.chunked_array([pa.array([1, None, -7, 9, 4], pa.int32())])
+    assert gt_label_check(labels, 5) == (2, (-7, 9))
+    assert gt_label_check(labels, 10) == (1, (-7, 9))
+    assert gt_label_check(pa.array([None], pa.int32()), 5) == (0, None)

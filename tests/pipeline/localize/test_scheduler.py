@@ -53,6 +53,12 @@ class StandInActor:
             os._exit(1)
         if name.startswith("broken") or (name.startswith("flaky") and self.index == 0):
             raise ValueError(f"cannot read {name}")
+        if name.startswith("nottar"):  # what the reader raises for a file that is not a tar
+            from pipeline.data.reader import ShardFormatError
+
+            raise ShardFormatError(f"shard {name} is not a tar file (empty file)")
+        if name.startswith("ioerr") and attempt == 0:
+            raise ConnectionResetError(f"reading {name}: connection reset")
         time.sleep(self.seconds)
         self.done += 10
         return ShardResult(job.shard_url, job.out_url, rows=10, errors=1, seconds=self.seconds)
@@ -130,6 +136,20 @@ def test_no_retries_means_one_attempt(ray_cluster, tmp_path):
     finally:
         sched.shutdown()
     assert outcome.attempts["mem://broken"] == 1 and len(_attempts(tmp_path, "broken")) == 1
+
+
+def test_a_shard_that_is_not_a_tar_fails_once_and_io_errors_are_retried(ray_cluster, tmp_path):
+    """Issue 14: retry only what can succeed on retry."""
+    sched = _scheduler(tmp_path, max_retries=2)
+    try:
+        outcome = sched.run(_jobs(["nottar", "ioerr", "ok"]))
+    finally:
+        sched.shutdown()
+    assert list(outcome.failed) == ["mem://nottar"]
+    assert outcome.attempts["mem://nottar"] == 1 and len(_attempts(tmp_path, "nottar")) == 1
+    assert "ShardFormatError: shard nottar is not a tar file" in outcome.failed["mem://nottar"][0]
+    assert outcome.attempts["mem://ioerr"] == 2 and len(_attempts(tmp_path, "ioerr")) == 2
+    assert sorted(r.shard_url for r in outcome.results) == ["mem://ioerr", "mem://ok"]
 
 
 def test_dead_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):

@@ -98,3 +98,63 @@ def test_bf16_maps_stay_close_and_fp16_needs_cuda(setup, tmp_path):
         autocast_for("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         _localizer(setup, precision="fp16")
+
+
+def test_hostile_samples_cost_only_their_own_rows(setup, tmp_path):
+    """Issue 14: each of these lost the whole shard (or a sample) before; now one row per
+    input sample, good ones localized, labels outside the 10 classes kept and counted."""
+    import io
+    import json
+    import tarfile
+
+    from tarfixtures import good_sample, image_bytes
+
+    members = [
+        *good_sample("a", label=3),
+        ("b.cls", b"99999999999999999999"), ("b.jpg", image_bytes()),
+        ("c.cls", b"3000000000"), ("c.jpg", image_bytes()),
+        ("d.jpg", image_bytes()), ("d.json", json.dumps({"label": 1e30}).encode()),
+        ("e.jpg", image_bytes()), ("e.json", b"[" * 100_000 + b"]" * 100_000),
+        ("f.jpg", image_bytes()), ("f.json", b'{"boxes": [[0, 0, NaN, 4]]}'),
+        *good_sample("g", label=-7), *good_sample("g", label=12),  # the same key twice in a row
+        ("link.jpg", None),  # a sample made only of a symbolic link
+        ("h\udcff.jpg", image_bytes()),  # a name that is not UTF-8
+        *good_sample("z", label=12),
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "a.jpg"
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    shard = tmp_path / "hostile.tar"
+    shard.write_bytes(buf.getvalue())
+    out = str(tmp_path / "hostile.parquet")
+    loc = _localizer(setup)
+    result = loc.localize(ShardJob(str(shard), out))
+    loc.close()
+    rows = pq.read_table(out).to_pylist()
+    assert [r["key"] for r in rows] == ["a", "b", "c", "d", "e", "f", "g", "g", "link", "h\\udcff", "z"]
+    assert [r["status"] for r in rows] == ["ok"] + ["error"] * 5 + ["ok", "error", "error", "error", "ok"]
+    assert "member 'b.cls'" in rows[1]["error"] and "member 'e.json' nests" in rows[4]["error"]
+    assert "occurs again" in rows[7]["error"] and "symbolic link" in rows[8]["error"]
+    assert "row for sample 'h\\udcff' cannot be stored: key" in rows[9]["error"]
+    assert [r["gt_label"] for r in rows if r["status"] == "ok"] == [3, -7, 12]
+    assert (result.rows, result.errors) == (11, 8)
+    assert result.gt_labels_outside == 2 and result.gt_label_range == (-7, 12)
+
+
+def test_a_zero_byte_or_cut_output_is_redone_not_skipped(setup, tmp_path):
+    loc = _localizer(setup)
+    out = tmp_path / "w.parquet"
+    loc.localize(ShardJob(setup["shard"], str(out)))
+    whole = out.read_bytes()
+    for broken in (b"", whole[: len(whole) // 2]):
+        out.write_bytes(broken)
+        result = loc.localize(ShardJob(setup["shard"], str(out)))
+        assert not result.skipped and result.rows == 20 and pq.read_table(out).num_rows == 20
+    loc.close()
