@@ -134,7 +134,7 @@ def check_weights(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
         raise ValueError(
             f"{source}: the weights do not match the checkpoint's config (model {config['model']}, "
             f"{config['num_classes']} classes): {listed}. Export weights and config together "
-            "(pipeline.data.checkpoints.save_checkpoint)"
+            "(the jobs' save_checkpoint)"
         )
     return config
 
