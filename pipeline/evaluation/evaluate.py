@@ -281,6 +281,12 @@ def _pct(hits: np.ndarray) -> float | None:
     return float(hits.mean() * 100.0) if len(hits) else None
 
 
+# Outside int32, so no stored label can equal them (labels outside the checkpoint's
+# classes, negative ones too, are scored as misses and listed per class).
+NO_LABEL = np.iinfo(np.int64).min
+NO_PREDICTION = NO_LABEL + 1
+
+
 @dataclass
 class _Scored:
     """A run's good rows against their ground truth: what both protocols start from."""
@@ -289,7 +295,7 @@ class _Scored:
     errors: pa.Table
     truth: _Truth
     names: dict[int, str]
-    gt_labels: np.ndarray  # -1: no label
+    gt_labels: np.ndarray  # NO_LABEL where the row has none (any int32, negative too, is a label)
     has_label: np.ndarray
     top1_hit: np.ndarray
     top5_hit: np.ndarray
@@ -304,9 +310,9 @@ def _score(run: Run, gt_shards: str | None) -> _Scored:
     ok = run.table.filter(pa.array(status == "ok"))
     errors = run.table.filter(pa.array(status != "ok"))
     truth = _join_ground_truth(ok, gt_shards, notes)
-    gt_labels = np.array([-1 if v is None else int(v) for v in truth.labels], dtype=np.int64)
-    has_label = gt_labels >= 0
-    pred = np.array([-1 if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
+    gt_labels = np.array([NO_LABEL if v is None else int(v) for v in truth.labels], dtype=np.int64)
+    has_label = gt_labels != NO_LABEL
+    pred = np.array([NO_PREDICTION if v is None else int(v) for v in ok.column("label").to_pylist()], dtype=np.int64)
     topk = ok.column("topk_labels").to_pylist()
     if ok.num_rows and not has_label.any():
         notes.append("no ground-truth labels (gt_label, .cls or .json label): top1/top5 and Top-k Loc are null")

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from model.checkpoint import check_weights, default_config, fingerprint
 from model.precision import resolve_precision
 from pipeline.data.preprocess import ResizeCrop
-from pipeline.data.shards import find_shard_files
+from pipeline.data.shards import ShardListing, find_shard_files
 from pipeline.data.storage import (
     StorageError,
     check_bucket,
@@ -75,6 +75,7 @@ class RunPlan:
     run_url: str
     shards: list[ShardPlan]
     overwrite: bool
+    files_not_shards: list[str] = field(default_factory=list)  # found under the spec's prefixes, said and recorded
 
     @property
     def todo(self) -> list[ShardPlan]:
@@ -158,8 +159,9 @@ class RunSummary:
 # --- checks, before any work --------------------------------------------------------------
 
 
-def find_shards(spec: str, limit: int | None, say: Say | None = None) -> list[str]:
-    """spec -> shard URLs; the files below its prefixes that are not shards are said."""
+def find_shards(spec: str, limit: int | None, say: Say | None = None) -> ShardListing:
+    """spec -> shard URLs (the first ``limit``) and the files below its prefixes that are
+    not shards, which are said here and recorded in the manifest."""
     try:
         check_bucket(spec.strip())  # S3: credentials and endpoint first, in seconds, naming what to set
         listing = find_shard_files(spec)
@@ -175,8 +177,7 @@ def find_shards(spec: str, limit: int | None, say: Say | None = None) -> list[st
             f"skipped {len(listing.skipped)} file(s) in {spec!r} that are not shards "
             f"(*.tar, *.tar.gz, *.tgz): {', '.join(listing.skipped[:10])}{more}"
         )
-    urls = listing.urls
-    return urls[:limit] if limit else urls
+    return ShardListing(listing.urls[:limit] if limit else listing.urls, listing.skipped)
 
 
 def read_checkpoint(url: str) -> tuple[bytes, dict[str, Any]]:
@@ -340,13 +341,14 @@ def actor_resources(config: LocalizeConfig, cluster: dict[str, float], shards_to
 def run_localize(config: LocalizeConfig, out: TextIO | None = sys.stdout) -> RunSummary:
     say = _sayer(out)
     started = time.time()
-    shard_urls = find_shards(config.shards, config.limit, say)
+    listing = find_shards(config.shards, config.limit, say)
     checkpoint, model_config = read_checkpoint(config.checkpoint)
     check_frame(config, model_config)
     check_output(config.output)
     rows = row_settings(config, model_config)
     run_id = config.run_id or default_run_id(config.shards, rows.model_sha256, run_id_settings(rows, config.precision))
-    plan = plan_run(shard_urls, config.output, run_id, config.overwrite)
+    plan = plan_run(listing.urls, config.output, run_id, config.overwrite)
+    plan.files_not_shards = listing.skipped
     if not config.dry_run:
         check_run_dir(plan.run_url)
     say(plan.describe())
@@ -508,7 +510,7 @@ def build_manifest(run: RunRecord, outcome: ScheduleOutcome) -> Manifest:
     previous = _previous_manifest(run.plan.run_url)
     config, rows = run.config, run.rows
     history = list(previous.history) if previous else []
-    history.append(_timings(outcome, run.resources, run.started))
+    history.append(_timings(outcome, run.resources, run.started) | {"files_not_shards": run.plan.files_not_shards})
     return Manifest(
         run_id=run.plan.run_id,
         spec=config.shards,

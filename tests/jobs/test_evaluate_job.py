@@ -419,3 +419,22 @@ def test_one_image_with_many_gt_boxes_does_not_blow_up_evaluation_memory(tmp_pat
         tracemalloc.stop()
     assert r["num_loc_images"] == 600 and r["gt_known_loc"] == 100.0
     assert peak < 150 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_labels_outside_the_classes_are_scored_as_misses_and_listed(tmp_path):
+    """-7 and 12 (a 10-class checkpoint) stay in the figures and the per-class table."""
+    rows = [
+        make_row("a", loc_map=BLOB, label=1, class_name="cat", gt_label=1, gt_boxes=[BLOB_BOX]),
+        make_row("b", loc_map=BLOB, label=1, class_name="cat", gt_label=-7, gt_boxes=[BLOB_BOX]),
+        make_row("c", loc_map=BLOB, label=1, class_name="cat", gt_label=12, gt_boxes=[BLOB_BOX]),
+        make_row("d", loc_map=BLOB, label=1, class_name="cat"),  # no label: not in top-1
+    ]
+    r = evaluate_run(write_run(str(tmp_path), "odd", {"shard-000000": rows}))
+    assert r["num_cls_images"] == 3
+    assert r["top1"] == pytest.approx(100 / 3)
+    assert r["per_class"]["-7"] == pytest.approx(
+        {"label": -7, "num_images": 1, "top1": 0.0, "top5": 0.0, "gt_known_loc": 100.0,
+         "top1_loc": 0.0, "top5_loc": 0.0, "boxacc_at_best_tau": 100.0}
+    )
+    assert r["per_class"]["12"]["num_images"] == 1 and r["per_class"]["12"]["top1"] == 0.0
+    assert sorted(c["label"] for c in r["per_class"].values()) == [-7, 1, 12]

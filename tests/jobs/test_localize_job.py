@@ -234,13 +234,20 @@ def test_rerun_does_no_work(first_run):
     files = sorted(Path(summary.run_url).glob("*.parquet"))
     before = {f: f.stat().st_mtime_ns for f in files}
     out = io.StringIO()
-    again = run_localize(first_run["options"], out=out)
+    notes = Path(first_run["options"].shards) / "notes.txt"  # a file that is not a shard: said and recorded
+    notes.write_text("not a shard")
+    try:
+        again = run_localize(first_run["options"], out=out)
+    finally:
+        notes.unlink()
     assert again.run_id == summary.run_id  # the default id is stable
     assert (again.shards_total, again.shards_done_before, again.shards_todo, again.shards_processed) == (4, 4, 0, 0)
     assert {f: f.stat().st_mtime_ns for f in files} == before
     assert "actor" not in out.getvalue()  # no actors were started
     manifest = json.loads(Path(again.manifest_url).read_text())
     assert manifest["rows"] == 42 and len(manifest["history"]) == 2
+    assert [h["files_not_shards"] for h in manifest["history"]] == [[], [str(notes)]]
+    assert f"skipped 1 file(s) in {first_run['options'].shards!r} that are not shards" in out.getvalue()
     dry = run_localize(LocalizeConfig(**{**first_run["options"].__dict__, "dry_run": True, "overwrite": True}), out=None)
     assert dry.dry_run and dry.shards_todo == 4  # --overwrite would redo them all
 

@@ -137,7 +137,7 @@ def test_localize_says_the_files_it_skips(shard_dir):
     from pipeline.localize.run import find_shards
 
     said = []
-    urls = find_shards(f"{shard_dir}/", None, said.append)
-    assert len(urls) == 4
+    listing = find_shards(f"{shard_dir}/", None, said.append)
+    assert len(listing.urls) == 4 and listing.skipped == [f"{shard_dir}/notes.txt"]
     assert said == [f"skipped 1 file(s) in '{shard_dir}/' that are not shards (*.tar, *.tar.gz, *.tgz): "
                     f"{shard_dir}/notes.txt"]
