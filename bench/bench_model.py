@@ -20,10 +20,16 @@ rounds (alternating which goes first) and the figures are medians over rounds.
 
     python bench/bench_model.py [--quick] [--threads N] [--batch 32] [--rounds R]
                                 [--only model|backbones|boxes] [--backbones dinov2_small_patch14 ...]
+                                [--device cpu|cuda] [--precisions bf16 ...] [--json PATH]
+
+On ``--device cuda`` (bench/gpu_check.sh uses it: ``--device cuda --only model --batch 256
+--precisions bf16``) each forward is timed between ``torch.cuda.synchronize()`` calls, and
+the CPU-time column is left out. ``--json`` writes the section 1 figures to a file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -57,15 +63,25 @@ BOX_SHARE_TARGET = 0.02  # boxes_from_maps time / DeiT-S bf16 model time per ima
 # ---------------------------------------------------------------- 1. model forward
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
 def precision_context(precision: str):
-    return autocast_for(precision, torch.device("cpu"))
+    return autocast_for(precision, DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def timed_forward(model: torch.nn.Module, x: torch.Tensor, precision: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one forward."""
+    """(wall seconds, process CPU seconds) of one forward (on CUDA: until the GPU is done)."""
     with torch.inference_mode(), precision_context(precision):
+        _sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         model(x)
+        _sync()
         return time.perf_counter() - start, time.process_time() - cpu_start
 
 
@@ -82,8 +98,8 @@ def bench_models(
         "SAT": lambda: create_model("sat_deit_small_patch16_224", 200),
         "DeiT": lambda: timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=200),
     }
-    models = {name: builders[name]().eval() for name in names}
-    x = torch.randn(batch, 3, 224, 224)
+    models = {name: builders[name]().eval().to(DEVICE) for name in names}
+    x = torch.randn(batch, 3, 224, 224, device=DEVICE)
     results: dict[str, dict[str, float]] = {}
     for precision in precisions:
         for model in models.values():
@@ -121,12 +137,13 @@ def bench_backbone_ratios(
 ) -> dict[str, dict[str, float]]:
     """Per backbone and precision: SAT / plain timm model wall-time ratio (medians, interleaved)."""
     ratios: dict[str, dict[str, float]] = {}
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224, device=DEVICE)
     for backbone in backbones:
         torch.manual_seed(0)
         models = {
-            "SAT": create_model(f"sat_{backbone}", 200).eval(),
-            "timm": timm.create_model(TIMM_BACKBONES[backbone], pretrained=False, num_classes=200, img_size=224).eval(),
+            "SAT": create_model(f"sat_{backbone}", 200).eval().to(DEVICE),
+            "timm": timm.create_model(TIMM_BACKBONES[backbone], pretrained=False, num_classes=200,
+                                      img_size=224).eval().to(DEVICE),
         }
         ratios[backbone] = {}
         for precision in precisions:
@@ -230,6 +247,22 @@ def bench_boxes(batch: int, n_batches: int, rounds: int, threshold: float, kind:
 # ---------------------------------------------------------------- main
 
 
+def forward_figures(results: dict[str, dict[str, float]], args, rounds: int) -> dict:
+    """Section 1 as JSON: img/s of each model and the SAT/DeiT time ratio per precision."""
+    return {
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "batch": args.batch,
+        "rounds": rounds,
+        "forward": {
+            p: {"sat_img_s": args.batch / r["SAT"], "deit_img_s": args.batch / r["DeiT"],
+                "sat_over_deit_time": r["SAT"] / r["DeiT"]}
+            for p, r in results.items()
+        },
+    }
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and batches (a rough figure)")
@@ -241,11 +274,21 @@ def main() -> None:
     parser.add_argument("--only", choices=["model", "backbones", "boxes"], default=None)
     parser.add_argument("--backbones", nargs="+", default=list(TIMM_BACKBONES), choices=list(TIMM_BACKBONES),
                         help="for 1b (default: all)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run (1, 1b)")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="for 1 (default: both; bf16 is the one with a target)")
+    parser.add_argument("--json", default=None, help="write section 1's figures to this file")
     args = parser.parse_args()
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    DEVICE = torch.device(args.device)
     rounds = args.rounds or (2 if args.quick else 5)
     box_batches = args.box_batches or (3 if args.quick else 8)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
+    if DEVICE.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda})", flush=True)
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, batch {args.batch}, "
         f"{rounds} rounds, {'quick' if args.quick else 'full'} run; load average {load[0]:.1f} "
@@ -258,17 +301,21 @@ def main() -> None:
     deit_per_image: dict[str, float] = {}
     if args.only in (None, "model"):
         print(f"\n1. Forward, DeiT-S backbone, 224 px, 200 classes, batch {args.batch} (median over rounds)")
-        results = bench_models(args.batch, rounds, warmup=1 if args.quick else 2, precisions=["fp32", "bf16"])
-        ratio = results["bf16"]["SAT"] / results["bf16"]["DeiT"]
+        results = bench_models(args.batch, rounds, warmup=1 if args.quick else 2, precisions=args.precisions)
         deit_per_image = {p: results[p]["DeiT"] / args.batch for p in results}
-        verdict = "met" if ratio <= SAT_TARGET else "MISSED"
-        print(f"  bf16 SAT/DeiT wall time ratio {ratio:.3f} (target <= {SAT_TARGET:.2f}: {verdict})")
+        if "bf16" in results:
+            ratio = results["bf16"]["SAT"] / results["bf16"]["DeiT"]
+            verdict = "met" if ratio <= SAT_TARGET else "MISSED"
+            print(f"  bf16 SAT/DeiT wall time ratio {ratio:.3f} (target <= {SAT_TARGET:.2f}: {verdict})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(forward_figures(results, args, rounds), f, indent=1)
     if args.only in (None, "backbones"):
         print(f"\n1b. Forward, SAT on other backbones against timm's plain model, 224 px, 200 classes, "
               f"batch {args.batch} (median over rounds)")
         bench_backbone_ratios(args.backbones, args.batch, rounds, warmup=1, precisions=["bf16", "fp32"])
     if args.only in (None, "boxes"):
-        if not deit_per_image:
+        if set(deit_per_image) != {"fp32", "bf16"}:
             print("\n   (measuring DeiT-S alone for the share figure)")
             results = bench_models(args.batch, 2, 1, ["fp32", "bf16"], names=("DeiT",))
             deit_per_image = {p: results[p]["DeiT"] / args.batch for p in results}
