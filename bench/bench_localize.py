@@ -12,8 +12,18 @@ Prints (never pass/fail), all on the same shards, model, batch and precision:
 - scheduling overhead per shard (driver round trip minus time in the actor) against
   the processing time of a 1000-sample shard (target < 1%).
 
+- with ``--device`` / ``--decode``: the worker alone on that device with each decode path
+  (``cpu``: PIL per sample on ``--decode-threads`` threads, default all cores; ``gpu``: JPEGs in
+  batches with nvJPEG; ``batched``: the same batched code on the CPU), end-to-end img/s
+  against the bare forward of the same model and precision on that device.
+
     python bench/bench_localize.py                       # micro ViT, 112 px input, 14x14 map
     python bench/bench_localize.py --model sat_deit_tiny_patch16_224 --per-shard 40
+    # the GPU check: DeiT-S at 224 over ImageNet-like JPEGs (500x375, q90), CPU vs GPU decode
+    python bench/bench_localize.py --model sat_deit_small_patch16_224 --device cuda --decode both \
+        --precision bf16 --batch-size 128 --imagenet-like --alone-images 4000 --worker-only
+    # a tiny CPU run of the same comparison (seconds)
+    python bench/bench_localize.py --decode both-cpu --worker-only --alone-images 64 --per-shard 16
 """
 from __future__ import annotations
 
@@ -45,9 +55,12 @@ from pipeline.localize.messages import ShardJob  # noqa: E402
 from pipeline.datasets.webdataset_writer import ShardWriter  # noqa: E402
 
 
-def photo_like_jpeg(rng: np.random.Generator) -> bytes:
-    """An ImageNet-sized JPEG (about 400 x 330, smooth content plus texture, quality 90)."""
+def photo_like_jpeg(rng: np.random.Generator, imagenet_like: bool = False) -> bytes:
+    """An ImageNet-sized JPEG (about 400 x 330, smooth content plus texture, quality 90);
+    ``imagenet_like``: 500 x 375 or 375 x 500, ImageNet's most common sizes."""
     w, h = int(rng.integers(320, 500)), int(rng.integers(260, 400))
+    if imagenet_like:
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
     coarse = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
     base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
     base += rng.normal(0, 12, (h, w, 3))
@@ -56,9 +69,9 @@ def photo_like_jpeg(rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(directory: str, shards: int, per_shard: int, seed: int = 0) -> list[str]:
+def write_shards(directory: str, shards: int, per_shard: int, seed: int = 0, imagenet_like: bool = False) -> list[str]:
     rng = np.random.default_rng(seed)
-    pool = [photo_like_jpeg(rng) for _ in range(min(per_shard, 64))]  # reuse: decoding cost is what counts
+    pool = [photo_like_jpeg(rng, imagenet_like) for _ in range(min(per_shard, 64))]  # reuse: decoding cost is what counts
     with ShardWriter(directory, "bench", max_count=per_shard, progress=None) as writer:
         for i in range(shards * per_shard):
             label = i % 10
@@ -67,15 +80,22 @@ def write_shards(directory: str, shards: int, per_shard: int, seed: int = 0) -> 
     return writer.urls
 
 
-def bare_forward(model, config, size, batch, precision, images) -> float:
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    with torch.no_grad(), autocast_for(precision, torch.device("cpu")):
-        model(normalize(x, config["mean"], config["std"]))  # warm-up
+def bare_forward(model, config, size, batch, precision, images, device="cpu") -> float:
+    """uint8 batch already on ``device`` -> normalize -> model, img/s."""
+    device = torch.device(device)
+    model = model.to(device)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad(), autocast_for(precision, device):
+        for _ in range(2 if device.type == "cuda" else 1):  # warm-up (cuDNN picks its kernels)
+            model(normalize(x, config["mean"], config["std"]))
+        sync()
         t0 = time.perf_counter()
         done = 0
         while done < images:
             model(normalize(x, config["mean"], config["std"]))
             done += batch
+        sync()
     return done / (time.perf_counter() - t0)
 
 
@@ -133,13 +153,57 @@ def parquet_bytes_per_image(grid: int, rows: int = 1000) -> dict[str, float]:
     return out
 
 
-def worker_alone(model, config, batch, precision, shard_url, out_dir) -> tuple[float, object]:
-    settings = WorkerSettings(batch_size=batch, precision=precision, decode_threads=2)
+def worker_alone(model, config, batch, precision, shard_url, out_dir, device="cpu", decode="cpu",
+                 threads=2, warm_url=None) -> tuple[float, object]:
+    """The worker in this process on ``device`` with ``decode``; ``warm_url`` runs first, untimed."""
+    settings = WorkerSettings(batch_size=batch, precision=precision, decode_threads=threads, decode=decode)
     rows = RowSettings(threshold=config["threshold"], model_sha256=config["sha256"])
-    localizer = ShardLocalizer(model, config, settings, rows)
-    result = localizer.localize(ShardJob(shard_url, os.path.join(out_dir, "alone.parquet")))
+    localizer = ShardLocalizer(model, config, settings, rows, device)
+    name = f"alone-{decode}-{device}".replace(":", "")
+    if warm_url:
+        localizer.localize(ShardJob(warm_url, os.path.join(out_dir, f"{name}-warm.parquet")))
+    result = localizer.localize(ShardJob(shard_url, os.path.join(out_dir, f"{name}.parquet")))
     localizer.close()
     return result.images / result.seconds, result
+
+
+DECODE_RUNS = {  # --decode -> the worker decode paths it compares
+    "cpu": ("cpu",), "gpu": ("gpu",), "batched": ("batched",), "both": ("cpu", "gpu"), "both-cpu": ("cpu", "batched"),
+}
+
+
+def check_device_options(args) -> str | None:
+    """Why ``--device``/``--decode``/``--precision`` cannot run together, or None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: torch sees no CUDA GPU on this machine (use --device cpu)"
+    if args.device == "cpu" and "gpu" in DECODE_RUNS[args.decode]:
+        return f"--decode {args.decode} decodes on the GPU and needs --device cuda (on CPU: --decode cpu, batched or both-cpu)"
+    if args.device == "cpu" and args.precision == "fp16":
+        return "--precision fp16 needs --device cuda (use bf16 or fp32 on CPU)"
+    return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
+def decode_comparison(args, model, config, size, urls, big, work) -> None:
+    """The worker alone on --device with each --decode path, against the bare forward there."""
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    bare = bare_forward(model, config, size, args.batch_size, args.precision, max(512, 4 * args.batch_size), device)
+    print(f"bare model forward on {device}:     {bare:8.1f} img/s ({args.precision}, batch {args.batch_size})")
+    for decode in DECODE_RUNS[args.decode]:
+        threads = args.decode_threads or os.cpu_count() or 1
+        rate, r = worker_alone(model, config, args.batch_size, args.precision, big, work, device, decode, threads, urls[0])
+        bare_after = bare_forward(model, config, size, args.batch_size, args.precision, max(256, 2 * args.batch_size), device)
+        how = f"{threads} decode threads" if decode == "cpu" else f"batched on {device}, {r.decode_fallbacks} on CPU"
+        print(f"worker alone on {device}, --decode {decode} ({how}): {rate:8.1f} img/s = "
+              f"{rate / ((bare + bare_after) / 2):.2f} of bare forward; decode wait {r.decode_wait_seconds:.2f}s, "
+              f"model {r.model_seconds:.2f}s, write {r.write_seconds:.2f}s of {r.seconds:.2f}s")
 
 
 def ray_run(shards_dir, checkpoint, out_dir, run_id, actors, cpus, batch, precision, limit):
@@ -165,10 +229,21 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=112, help="micro model input (112 / patch 8 = 14x14 map)")
     ap.add_argument("--per-shard", type=int, default=50, help="images per shard")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="fp16: --device cuda only")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the worker-alone runs go")
+    ap.add_argument("--decode", default="cpu", choices=tuple(DECODE_RUNS),
+                    help="decode paths of the worker-alone runs: cpu, gpu (needs --device cuda), batched (the "
+                         "batched code on --device), both (cpu and gpu), both-cpu (cpu and batched on CPU)")
+    ap.add_argument("--decode-threads", type=int, help="CPU decode threads (default: all cores)")
+    ap.add_argument("--imagenet-like", action="store_true", help="shards of 500x375 / 375x500 textured q90 JPEGs")
+    ap.add_argument("--worker-only", action="store_true",
+                    help="only the bare forward and the worker-alone runs of --device/--decode (the GPU check)")
     ap.add_argument("--skip-40", action="store_true", help="skip the 40-shard run")
     ap.add_argument("--alone-images", type=int, default=1000, help="images in the worker-alone shard")
     args = ap.parse_args()
+    problem = check_device_options(args)
+    if problem:
+        ap.error(problem)
 
     work = tempfile.mkdtemp(prefix="bench_localize_")
     try:
@@ -181,11 +256,20 @@ def main() -> None:
         size = model.patch_embed.img_size[0]
         grid = model.grid if hasattr(model, "grid") else None
         shards_dir = os.path.join(work, "shards")
-        urls = write_shards(shards_dir, 40, args.per_shard)
-        big = write_shards(os.path.join(work, "big"), 1, args.alone_images, seed=1)[0]
-        torch.set_num_threads(2)
+        urls = write_shards(shards_dir, 1 if args.worker_only else 40, args.per_shard, imagenet_like=args.imagenet_like)
+        big = write_shards(os.path.join(work, "big"), 1, args.alone_images, seed=1, imagenet_like=args.imagenet_like)[0]
+        gpu = f", GPU {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
+        kind = "ImageNet-like (500x375 q90)" if args.imagenet_like else "photo-sized"
         print(f"model {args.model} input {size} grid {grid}, batch {args.batch_size}, {args.precision}, "
-              f"{args.per_shard} photo-sized JPEGs per shard, {os.cpu_count()} CPUs")
+              f"{args.per_shard} {kind} JPEGs per shard, {os.cpu_count()} CPUs ({cpu_name()}){gpu}")
+        if args.worker_only or args.device == "cuda" or args.decode != "cpu":
+            decode_comparison(args, model, config, size, urls, big, work)
+        if args.worker_only:
+            return
+        if args.device == "cuda":
+            print("(the plain-loop, Ray and Parquet figures below run on CPU)")
+        model = model.cpu()
+        torch.set_num_threads(2)
 
         bare = bare_forward(model, config, size, args.batch_size, args.precision, max(256, 4 * args.per_shard))
         print(f"bare model forward:              {bare:8.1f} img/s")

@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.precision import PRECISION_CHOICES  # noqa: E402
+from pipeline.localize.decode import DECODE_CHOICES  # noqa: E402
 from pipeline.localize.run import BadInputError, LocalizeConfig, run_localize  # noqa: E402
 from pipeline.localize.scheduler import ActorStartError  # noqa: E402
 
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> LocalizeConfig:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto (default): bf16 on GPU actors and on CPUs with native bf16 (AVX512-BF16/AMX, "
                         "as seen by the driver's machine), else fp32; fp16 needs a GPU")
+    p.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
+                   help="auto (default): JPEGs decoded in batches on the GPU of CUDA actors (nvJPEG), per sample "
+                        "on CPU elsewhere; gpu: always on the GPU (needs GPU actors); cpu: per sample on CPU. "
+                        "PNG/WebP, CMYK, EXIF-rotated and anything nvJPEG refuses are decoded on CPU either way")
     p.add_argument("--threshold", type=float, help="box threshold in [0, 1] (default: the checkpoint's)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--box-mode", choices=("largest", "all"), default="largest")

@@ -27,3 +27,18 @@ def s3_env(s3_store, monkeypatch):
     for name, value in s3_store.env().items():
         monkeypatch.setenv(name, value)
     yield s3_store
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, saying why, where torch sees no CUDA GPU (CI, laptops);
+    ``pytest -m cuda`` runs them on a GPU machine."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="cuda: needs a CUDA GPU, none on this machine (torch.cuda.is_available() is False)")
+    for item in cuda_tests:
+        item.add_marker(skip)

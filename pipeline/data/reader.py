@@ -471,19 +471,22 @@ def decode_sample(sample: Sample, draft_size: int | None = None) -> Sample:
         out.error = f"undecodable image: {_describe(e)}"
         return out
     if sample.mask_bytes is not None:
-        try:
-            out.mask = decode_mask(sample.mask_bytes)
-        except Exception as e:
-            out.error = f"undecodable .mask.png: {_describe(e)}"
-        else:
-            if out.mask.shape != (out.height, out.width):
-                out.error = (
-                    f"mask is {out.mask.shape[1]}x{out.mask.shape[0]} but the image is "
-                    f"{out.width}x{out.height}"
-                )
+        out.mask, out.error = checked_mask(sample.mask_bytes, out.width, out.height)
         if out.error is not None:  # an error sample carries no pixels: nothing runs on it
             out.image = out.mask = None
     return out
+
+
+def checked_mask(data: bytes, width: int, height: int) -> tuple[np.ndarray | None, str | None]:
+    """A ``.mask.png`` member for an image of ``width`` x ``height``: (mask, None), or
+    (None, the sample's error) when it does not decode or its size differs."""
+    try:
+        mask = decode_mask(data)
+    except Exception as e:
+        return None, f"undecodable .mask.png: {_describe(e)}"
+    if mask.shape != (height, width):
+        return None, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
+    return mask, None
 
 
 def read_samples(

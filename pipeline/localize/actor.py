@@ -65,6 +65,7 @@ class LocalizeActor:
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
             "decode_threads": self.localizer.settings.decode_threads,
+            "decode": self.localizer.decode,
         }
 
     def localize(self, job: ShardJob) -> ShardResult:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from model.boxes import MODES, check_threshold
 from model.precision import PRECISION_CHOICES
+from pipeline.localize.decode import DECODE_CHOICES
 from pipeline.data.preprocess import ResizeCrop, parse_resize_crop
 
 
@@ -29,6 +30,7 @@ class LocalizeConfig:
     cpus_per_actor: float | None = None  # default: 1 on CPU; the cluster's CPUs per GPU actor on GPU
     batch_size: int = 64
     precision: str = "auto"  # bf16 on GPU actors and native-bf16 CPUs, else fp32 (model.precision)
+    decode: str = "auto"  # JPEGs in batches on the GPU of CUDA actors, else per sample on CPU (pipeline.localize.decode)
     threshold: float | None = None  # default: the checkpoint's
     topk: int = 5
     box_mode: str = "largest"
@@ -57,6 +59,10 @@ class LocalizeConfig:
             raise BadInputError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.precision not in PRECISION_CHOICES:
             raise BadInputError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.decode not in DECODE_CHOICES:
+            raise BadInputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
+        if self.decode == "gpu" and self.gpus_per_actor == 0:
+            raise BadInputError(decode_gpu_without_gpus())
         if self.box_mode not in MODES:
             raise BadInputError(f"--box-mode must be one of {', '.join(MODES)}, got {self.box_mode!r}")
         if self.threshold is not None:
@@ -64,6 +70,13 @@ class LocalizeConfig:
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id.startswith(".")):
             raise BadInputError(f"--run-id {self.run_id!r} must be a non-empty name without '/', not starting with '.'")
         object.__setattr__(self, "resize_crop", _frame(self.resize_crop))
+
+
+def decode_gpu_without_gpus() -> str:
+    return (
+        "--decode gpu needs GPUs (this run has --gpus-per-actor 0 or a cluster without GPUs): "
+        "use --decode cpu (or auto, which decodes on GPUs only when actors have one)"
+    )
 
 
 def resolve_threshold(value: float, source: str) -> float:

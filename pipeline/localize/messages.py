@@ -31,7 +31,9 @@ class ShardResult:
     seconds: float = 0.0  # wall time inside the actor
     skipped: bool = False  # output already there: nothing done
     decode_wait_seconds: float = 0.0  # model stage waiting for decoded images
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # in the model (with the copy of the batch to its device)
+    decode: str = ""  # the actor's decode path: "cpu" or "batched" (pipeline.localize.decode)
+    decode_fallbacks: int = 0  # batched: samples the CPU path decoded (not JPEG, CMYK, refused ...)
     write_seconds: float = 0.0
     bytes_written: int = 0
     # Ground-truth labels outside the checkpoint's classes (negative or >= num_classes):

@@ -47,7 +47,7 @@ from pipeline.data.storage import (
     storage_env,
 )
 from pipeline.local_ray import ensure_ray
-from pipeline.localize.config import BadInputError, LocalizeConfig, resolve_threshold
+from pipeline.localize.config import BadInputError, LocalizeConfig, decode_gpu_without_gpus, resolve_threshold
 from pipeline.localize.messages import ShardJob
 from pipeline.localize.rows import RowSettings
 from pipeline.localize.scheduler import ProgressLine, ScheduleOutcome, ShardScheduler
@@ -316,6 +316,8 @@ def actor_resources(config: LocalizeConfig, cluster: dict[str, float], shards_to
             "--precision fp16 needs GPUs (this run has --gpus-per-actor 0 or a cluster without GPUs): "
             "use --precision bf16 or fp32 on CPU"
         )
+    if config.decode == "gpu" and gpus == 0:
+        raise BadInputError(decode_gpu_without_gpus())
     if gpus > 0:
         if total_gpus < gpus:
             raise BadInputError(f"--gpus-per-actor {gpus:g} but the cluster has {total_gpus:g} GPUs")
@@ -416,7 +418,9 @@ def _say_summary(summary: RunSummary, outcome: ScheduleOutcome, say: Say) -> Non
         died = f", died: {a.died}" if a.died else ""
         say(
             f"actor {a.index} ({a.info.get('device', '?')}, gpus {a.info.get('gpu_ids', [])}): "
-            f"{a.shards} shards, {a.images:,} images, {a.images_per_second:.1f} img/s busy{died}"
+            f"{a.shards} shards, {a.images:,} images, {a.images_per_second:.1f} img/s busy, "
+            f"decode {a.info.get('decode', '?')}: decode wait {a.decode_wait_seconds:.1f}s, "
+            f"model {a.model_seconds:.1f}s{died}"
         )
     note = summary.label_note()
     if note:
@@ -445,6 +449,7 @@ def _run_actors(
         precision=precision,
         decode_threads=max(1, int(resources.cpus)),
         run_id=plan.run_id,
+        decode=config.decode,  # resolved by each actor for its device ("auto": batched on CUDA)
     )
     actor_class = localize_actor_class(resources.cpus, resources.gpus)
     checkpoint_ref = ray.put(checkpoint)
@@ -458,7 +463,7 @@ def _run_actors(
 
     say(
         f"{resources.num_actors} actors x ({resources.cpus:g} CPUs, {resources.gpus:g} GPUs), "
-        f"batch {config.batch_size}, {precision}"
+        f"batch {config.batch_size}, {precision}, --decode {config.decode}"
     )
     token = uuid.uuid4().hex
     # A redone output (unreadable, or not the manifest's rows) is overwritten like --overwrite.
@@ -523,6 +528,7 @@ def build_manifest(run: RunRecord, outcome: ScheduleOutcome) -> Manifest:
             **{k: v for k, v in asdict(rows).items() if k != "class_names"},
             "precision": run.precision,
             "precision_requested": config.precision,
+            "decode_requested": config.decode,  # what each actor ran: timings.actors[].info.decode
             "batch_size": config.batch_size,
             "max_retries": config.max_retries,
             "limit": config.limit,

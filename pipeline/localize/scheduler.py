@@ -14,7 +14,8 @@ Rules:
   one, and its shard counts one attempt and goes back in the queue; the replacement gets
   work only once it has started, so when the cluster has no room for it (its node is
   gone) the run finishes on the actors that are left;
-- a progress line at least every ``progress_seconds``; ``ScheduleOutcome`` for the summary.
+- a progress line at least every ``progress_seconds``, a line per finished shard with its
+  decode-wait and model times (which side bounds it); ``ScheduleOutcome`` for the summary.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class ActorStats:
     images: int = 0
     errors: int = 0
     busy_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0  # its shards' model stage waiting for decoded samples
+    model_seconds: float = 0.0
     died: str | None = None
 
     @property
@@ -120,6 +123,24 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def shard_timing(result: ShardResult) -> str:
+    """``decode wait 0.8s, model 3.1s (model busy 79%), decode batched (3 on CPU): model-bound``.
+
+    Decoding runs ahead of the model, so the model stage either runs or waits for decoded
+    samples: a long wait means decoding bounds the shard, a short one the model does.
+    """
+    wait, model = result.decode_wait_seconds, result.model_seconds
+    busy = model / (wait + model) if wait + model > 0 else 0.0
+    how = f", decode {result.decode}" if result.decode else ""
+    if result.decode == "batched" and result.decode_fallbacks:
+        how += f" ({result.decode_fallbacks} on CPU)"
+    if wait > model:
+        bound = "decode-bound (give actors more CPUs, or --decode gpu on GPU actors)"
+    else:
+        bound = "model-bound"
+    return f"decode wait {wait:.2f}s, model {model:.2f}s (model busy {100 * busy:.0f}%){how}: {bound}"
+
+
 class ProgressLine:
     """``shards 3/40 | 1,234 images | 45.3 img/s | 2 errors | ETA 1m23s`` on ``out``."""
 
@@ -146,6 +167,15 @@ class ProgressLine:
             f"shards {done}/{self.total}{failed_text} | {seen:,} images | {rate:.1f} img/s | "
             f"{errors} errors | ETA {eta}"
         )
+
+    def shard_done(self, result: ShardResult, actor: int) -> None:
+        """One line per written shard: its rows and where its time went (``shard_timing``)."""
+        if self.out is not None:
+            print(
+                f"[localize] shard {result.shard_url} on actor {actor}: {result.images:,} images, "
+                f"{result.errors} errors in {result.seconds:.1f}s | {shard_timing(result)}",
+                file=self.out, flush=True,
+            )
 
     def emit(self, text: str, now: float) -> None:
         self.last_print = now
@@ -336,6 +366,10 @@ class ShardScheduler:
             slot.stats.images += result.images
             slot.stats.errors += result.errors
             slot.stats.busy_seconds += result.seconds
+            slot.stats.decode_wait_seconds += result.decode_wait_seconds
+            slot.stats.model_seconds += result.model_seconds
+            if self.progress is not None:
+                self.progress.shard_done(result, slot.stats.index)
 
     def _report(self, state: _RunState) -> None:
         """A progress line when one is due, and always at the end."""

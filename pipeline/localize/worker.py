@@ -5,7 +5,9 @@ Ray's batch-inference shape: ``ShardLocalizer.__init__`` holds the model once an
 ``localize(job)`` runs one whole shard through the stages:
 
     shard URL -> samples    ``prepared_samples`` (``read_samples(decode=False)`` in a reader
-                            thread, decode + resize in a pool, ``pipeline.data.preprocess``)
+                            thread, decode + resize per sample in a pool, ``--decode cpu``) or
+                            ``batch_prepared_samples`` (JPEGs in chunks on the actor's device,
+                            the rest per sample in the pool; ``pipeline.localize.decode``)
     samples -> batches      ``pipeline.data.batches.batches`` (``batch_size`` good samples;
                             bad ones ride along in shard order)
     batches -> outputs      ``ShardLocalizer.predict`` (normalize, autocast, the model)
@@ -13,7 +15,9 @@ Ray's batch-inference shape: ``ShardLocalizer.__init__`` holds the model once an
     rows -> Parquet         ``pipeline.results.parquet.write_shard_table``
 
 Decoding runs ahead of the model by at most ``prefetch_batches`` batches while the model
-(which releases the GIL) works on the current one, and the rows of batch k are built in a
+(which releases the GIL) works on the current one; the time the model stage waits for
+decoded samples and the time in the model are kept per shard (``ShardResult``), so the
+driver can say which side bounds the run, and the rows of batch k are built in a
 rows thread while the model runs batch k+1. The shard is written as one Parquet file with a
 single atomic write: the file's existence means the shard is done.
 """
@@ -34,9 +38,10 @@ from model.factory import model_kwargs
 from model.precision import autocast_for
 from pipeline.data.batches import batches
 from pipeline.data.handoff import Handoff
-from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, ResizeCrop, normalize, resize_to_input, stack_uint8
-from pipeline.data.reader import Sample, decode_sample, read_samples
+from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, ResizeCrop, normalize, stack_uint8
+from pipeline.data.reader import Sample, read_samples
 from pipeline.data.storage import exists
+from pipeline.localize.decode import BatchDecoder, Prepared, prepare_sample, resolve_decode
 from pipeline.localize.messages import ShardJob, ShardResult
 from pipeline.localize.rows import RowSettings, gt_label_check, localize_rows
 from pipeline.results.parquet import error_count, output_counts, unfinished_reason, write_shard_table, written_by
@@ -52,6 +57,7 @@ class WorkerSettings:
     decode_threads: int = 1
     prefetch_batches: int = 2
     run_id: str = ""
+    decode: str = "cpu"  # auto | cpu | gpu | batched (pipeline.localize.decode.resolve_decode)
 
 
 def model_input_size(config: dict) -> int:
@@ -63,27 +69,6 @@ def grid_shape(config: dict) -> tuple[int, int]:
     kwargs = model_kwargs(config["model"], **config.get("model_kwargs", {}))
     side = int(kwargs["img_size"]) // int(kwargs["patch_size"])
     return side, side
-
-
-@dataclass
-class Prepared:
-    sample: Sample  # image dropped once resized
-    pixels: torch.Tensor | None  # 3 x S x S uint8, None for bad samples
-
-
-def prepare_sample(sample: Sample, size: int, resize_crop: ResizeCrop | None = None) -> Prepared:
-    """Decode (JPEG drafted near ``size``) and resize one raw sample; thread-safe.
-
-    With ``resize_crop`` the input is its centre crop (``size`` must be its crop size).
-    """
-    decoded = decode_sample(sample, draft_size=resize_crop.resize if resize_crop else size)
-    if not decoded.ok:
-        return Prepared(replace(decoded, image=None, mask=None), None)
-    try:
-        pixels = resize_crop.to_input(decoded.image) if resize_crop else resize_to_input(decoded.image, size)
-    except Exception as e:  # a decoded image PIL cannot resize is still one bad sample
-        return Prepared(replace(decoded, image=None, mask=None, error=f"unusable image: {e}"), None)
-    return Prepared(replace(decoded, image=None, mask=None), pixels)
 
 
 def prepared_samples(
@@ -110,6 +95,39 @@ def prepared_samples(
     try:
         for future in pending.items():
             yield future.result()
+    finally:
+        pending.close(reader, timeout=30)
+
+
+def batch_prepared_samples(
+    url: str, decoder: BatchDecoder, pool: ThreadPoolExecutor, device_pool: ThreadPoolExecutor,
+    chunk_size: int, max_chunks: int,
+) -> Iterator[Prepared]:
+    """Samples of ``url`` in shard order, decoded ``chunk_size`` at a time by ``decoder`` in
+    ``device_pool`` (one thread), CPU fallbacks in ``pool``, at most ``max_chunks`` ahead."""
+    pending = Handoff(max_chunks)
+
+    def read() -> None:
+        try:
+            chunk: list[Sample] = []
+            for raw in read_samples(url, decode=False):
+                chunk.append(raw)
+                if len(chunk) == chunk_size:
+                    if not pending.put(device_pool.submit(decoder.decode_chunk, chunk, pool.submit)):
+                        return
+                    chunk = []
+            if chunk and not pending.put(device_pool.submit(decoder.decode_chunk, chunk, pool.submit)):
+                return
+            pending.finish()
+        except BaseException as e:  # handed to the consumer, which raises it
+            pending.fail(e)
+
+    reader = threading.Thread(target=read, name=f"read {url}", daemon=True)
+    reader.start()
+    try:
+        for chunk_future in pending.items():
+            for item in chunk_future.result():
+                yield item.result() if isinstance(item, Future) else item
     finally:
         pending.close(reader, timeout=30)
 
@@ -152,12 +170,16 @@ class ShardLocalizer:
         )
         self.mean = tuple(config.get("mean", IMAGENET_MEAN))
         self.std = tuple(config.get("std", IMAGENET_STD))
+        self.decode = resolve_decode(settings.decode, self.device)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.device_pool = ThreadPoolExecutor(1, thread_name_prefix="batch-decode")
+        self.decoder = BatchDecoder(self.size, self.device, frame)
         self.rows_pool = ThreadPoolExecutor(1, thread_name_prefix="rows")
         self.images_done = 0  # live progress inside the current shard
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.device_pool.shutdown(wait=False, cancel_futures=True)
         self.rows_pool.shutdown(wait=False, cancel_futures=True)
 
     def __call__(self, batch: list[Prepared]) -> pa.Table:
@@ -167,7 +189,8 @@ class ShardLocalizer:
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B x 3 x S x S uint8 -> (logits, loc_maps) as float32 on the CPU."""
-        # Normalized on the device: moving uint8 is 4x cheaper than float.
+        # Normalized on the device: moving uint8 is 4x cheaper than float. From pinned
+        # memory (``batch_pixels``) the copy is asynchronous.
         x = normalize(pixels.to(self.device, non_blocking=True), self.mean, self.std)
         with autocast_for(self.settings.precision, self.device):
             out = self.model(x)
@@ -177,10 +200,23 @@ class ShardLocalizer:
         """batches -> outputs: the model on the batch's good samples."""
         ok = [p.pixels for p in batch if p.pixels is not None]
         if ok:
-            logits, maps = self.forward(stack_uint8(ok))
+            logits, maps = self.forward(self.batch_pixels(ok))
         else:
             logits, maps = torch.zeros(0, 1), torch.zeros(0, 1, *self.grid)
         return ModelOutputs([p.sample for p in batch], logits, maps)
+
+    def batch_pixels(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """One uint8 batch: on the device when any sample was decoded there, else on the CPU,
+        stacked into pinned memory when the model runs on CUDA (for a non-blocking copy)."""
+        if any(p.device != torch.device("cpu") for p in pixels):
+            return stack_uint8([p.to(self.device, non_blocking=True) for p in pixels])
+        if self.device.type != "cuda":
+            return stack_uint8(pixels)
+        pinned = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8, pin_memory=True)
+        try:
+            return torch.stack(pixels, out=pinned)
+        except RuntimeError:  # shapes or dtypes differ: stack_uint8 names the sample
+            return stack_uint8(pixels)
 
     def rows(self, outputs: ModelOutputs) -> pa.Table:
         """outputs -> rows (boxes at each image's full size)."""
@@ -217,8 +253,16 @@ class ShardLocalizer:
 
     def shard_table(self, shard_url: str, result: ShardResult) -> pa.Table:
         """All rows of one shard; the time spent waiting for decodes and in the model go to ``result``."""
-        max_pending = self.settings.batch_size * self.settings.prefetch_batches
-        samples = prepared_samples(shard_url, self.size, self.pool, max_pending, self.row_settings.resize_crop)
+        settings = self.settings
+        result.decode = self.decode
+        before = dict(self.decoder.counts)
+        if self.decode == "batched":
+            samples = batch_prepared_samples(
+                shard_url, self.decoder, self.pool, self.device_pool, settings.batch_size, settings.prefetch_batches
+            )
+        else:
+            max_pending = settings.batch_size * settings.prefetch_batches
+            samples = prepared_samples(shard_url, self.size, self.pool, max_pending, self.row_settings.resize_crop)
         stream = batches(samples, self.settings.batch_size, counts=lambda p: p.pixels is not None)
         # At most two batches wait in the rows thread while the model runs the next one.
         pending: deque[Future] = deque()
@@ -237,4 +281,6 @@ class ShardLocalizer:
                 tables.append(pending.popleft().result())
             self.images_done += len(outputs.logits)
         tables.extend(f.result() for f in pending)
+        if self.decode == "batched":
+            result.decode_fallbacks = self.decoder.counts["cpu"] - before["cpu"]
         return pa.concat_tables(tables) if tables else self.schema.empty_table()

@@ -225,7 +225,15 @@ def test_progress_summary_and_manifest(first_run):
     assert manifest["model_sha256"] == load_checkpoint(first_run["options"].checkpoint)[1]["sha256"]
     assert manifest["model_config"]["model"] == MODEL and manifest["settings"]["threshold"] == 0.4
     assert manifest["settings"]["precision"] == manifest["settings"]["precision_requested"] == "fp32"
-    assert f"batch {BATCH}, fp32" in log
+    assert f"batch {BATCH}, fp32, --decode auto" in log
+    # --decode auto on actors without CUDA (logical GPUs here): the CPU path, said per actor
+    assert manifest["settings"]["decode_requested"] == "auto"
+    assert [a["info"]["decode"] for a in manifest["timings"]["actors"]] == ["cpu", "cpu"]
+    # one line per shard: where its time went, so a user sees which side bounds it
+    shard_lines = [ln for ln in log.splitlines() if ln.startswith("[localize] shard ") and " on actor " in ln]
+    assert len(shard_lines) == 4 and all("decode wait" in ln and "model busy" in ln for ln in shard_lines)
+    assert all(ln.endswith(("model-bound", "GPU actors)")) and "decode cpu" in ln for ln in shard_lines)
+    assert log.count("decode cpu: decode wait") == 2  # the actor summary lines
     assert manifest["timings"]["images"] == 39 and manifest["timings"]["seconds"] > 0
 
 
@@ -294,6 +302,17 @@ def test_fp16_on_cpu_and_oversized_requests_fail_before_work(data, first_run, tm
     with pytest.raises(BadInputError, match="cluster has 2 CPUs"):
         run_localize(LocalizeConfig(**base, num_actors=3, gpus_per_actor=0, cpus_per_actor=1), out=None)
     assert not list(out.rglob("*.parquet"))
+
+
+def test_decode_gpu_on_actors_without_cuda_is_a_clear_start_error(data, first_run, tmp_path):
+    """Logical GPUs without CUDA (this machine): --decode gpu cannot run, and says so."""
+    from pipeline.localize.scheduler import ActorStartError
+
+    options = LocalizeConfig(shards=data["shards"], checkpoint=data["checkpoint"], output=str(tmp_path / "out"),
+                             decode="gpu", num_actors=1, progress_seconds=60)
+    with pytest.raises(ActorStartError, match="--decode gpu needs a CUDA device and this actor runs on cpu"):
+        run_localize(options, out=None)
+    assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
 # --- --resize-crop: the official SAT test frame ------------------------------------------------

@@ -21,7 +21,7 @@ def _config(**kw) -> LocalizeConfig:
      ("threshold", 1.2, "--threshold"), ("threshold", -0.1, "--threshold"), ("run_id", "a/b", "--run-id"),
      ("max_boxes", 0, "--max-boxes"), ("box_mode", "biggest", "--box-mode"), ("cpus_per_actor", 0, "--cpus-per-actor"),
      ("gpus_per_actor", -1, "--gpus-per-actor"), ("resize_crop", "224,256", "--resize-crop"),
-     ("resize_crop", object(), "--resize-crop")],
+     ("resize_crop", object(), "--resize-crop"), ("decode", "nvjpeg", "--decode")],
 )
 def test_options_are_checked_with_the_flag_named(field, value, flag):
     with pytest.raises(BadInputError, match=flag):
@@ -56,3 +56,10 @@ def test_row_settings_take_the_flags_else_the_checkpoints_threshold_and_names():
     assert row_settings(_config(), without).threshold == 0.4  # the checkpoint default
     with pytest.raises(BadInputError, match="the threshold of c .* must be in \\[0, 1\\]"):
         row_settings(_config(), {**model, "threshold": 2.0})
+
+
+def test_decode_defaults_to_auto_and_gpu_without_gpus_is_refused():
+    assert _config().decode == "auto"
+    assert _config(decode="gpu").decode == "gpu" and _config(decode="cpu", gpus_per_actor=0).decode == "cpu"
+    with pytest.raises(BadInputError, match="--decode gpu needs GPUs .* use --decode cpu"):
+        _config(decode="gpu", gpus_per_actor=0)

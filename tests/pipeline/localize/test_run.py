@@ -1,6 +1,8 @@
 """pipeline/localize/run.py helpers that need no cluster: plan, run id, resources, checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +15,8 @@ from pipeline.localize.run import (
     plan_run,
 )
 from pipeline.data.storage import storage_env
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _options(**kw) -> LocalizeConfig:
@@ -58,6 +62,9 @@ def test_actor_resources_defaults_and_limits():
     with pytest.raises(BadInputError, match="fp16 needs GPUs"):
         actor_resources(_options(precision="fp16"), cpu_only, 10)
     assert actor_resources(_options(precision="fp16"), gpus, 10).gpus == 1.0
+    with pytest.raises(BadInputError, match="--decode gpu needs GPUs"):
+        actor_resources(_options(decode="gpu"), cpu_only, 10)
+    assert actor_resources(_options(decode="gpu"), gpus, 10).gpus == 1.0
     with pytest.raises(BadInputError, match="cluster has 8 CPUs and 0 GPUs"):
         actor_resources(_options(num_actors=3, cpus_per_actor=4), cpu_only, 10)
     with pytest.raises(BadInputError, match="--gpus-per-actor 1 but the cluster has 0 GPUs"):
@@ -251,3 +258,20 @@ def test_labels_outside_the_checkpoint_classes_are_in_the_summary():
     assert "the checkpoint has 5 classes but the data's labels reach 9" in note
     summary.record(ScheduleOutcome(results=[ShardResult("a.tar", "a.parquet", rows=4, gt_label_range=(0, 4))]))
     assert summary.label_note() is None
+
+
+def test_cli_decode_gpu_without_gpus_exits_2_before_ray(micro_inputs, tmp_path, no_ray, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localize_shards", REPO / "jobs" / "localize_shards.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(micro_inputs["checkpoint"])
+    argv = ["--shards", micro_inputs["shard"], "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
+            "--decode", "gpu", "--gpus-per-actor", "0"]
+    assert job.main(argv) == 2
+    assert "error: --decode gpu needs GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        job.parse_args(argv[:6] + ["--decode", "nvjpeg"])
