@@ -191,11 +191,15 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 
-def decode_comparison(args, model, config, size, urls, big, work) -> None:
-    """The worker alone on --device with each --decode path, against the bare forward there."""
+def decode_comparison(args, model, config, size, urls, big, work) -> dict:
+    """The worker alone on --device with each --decode path, against the bare forward there;
+    the figures as a dict (``--json``)."""
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     bare = bare_forward(model, config, size, args.batch_size, args.precision, max(512, 4 * args.batch_size), device)
     print(f"bare model forward on {device}:     {bare:8.1f} img/s ({args.precision}, batch {args.batch_size})")
+    figures = {"model": args.model, "device": str(device), "precision": args.precision, "batch": args.batch_size,
+               "images": args.alone_images, "imagenet_like": args.imagenet_like, "bare_forward_img_s": bare,
+               "decode": {}}
     for decode in DECODE_RUNS[args.decode]:
         threads = args.decode_threads or os.cpu_count() or 1
         rate, r = worker_alone(model, config, args.batch_size, args.precision, big, work, device, decode, threads, urls[0])
@@ -204,6 +208,12 @@ def decode_comparison(args, model, config, size, urls, big, work) -> None:
         print(f"worker alone on {device}, --decode {decode} ({how}): {rate:8.1f} img/s = "
               f"{rate / ((bare + bare_after) / 2):.2f} of bare forward; decode wait {r.decode_wait_seconds:.2f}s, "
               f"model {r.model_seconds:.2f}s, write {r.write_seconds:.2f}s of {r.seconds:.2f}s")
+        figures["decode"][decode] = {
+            "img_s": rate, "of_bare_forward": rate / ((bare + bare_after) / 2), "decode_threads": threads,
+            "cpu_fallbacks": r.decode_fallbacks, "decode_wait_s": r.decode_wait_seconds,
+            "model_s": r.model_seconds, "seconds": r.seconds,
+        }
+    return figures
 
 
 def ray_run(shards_dir, checkpoint, out_dir, run_id, actors, cpus, batch, precision, limit):
@@ -240,6 +250,7 @@ def main() -> None:
                     help="only the bare forward and the worker-alone runs of --device/--decode (the GPU check)")
     ap.add_argument("--skip-40", action="store_true", help="skip the 40-shard run")
     ap.add_argument("--alone-images", type=int, default=1000, help="images in the worker-alone shard")
+    ap.add_argument("--json", help="write the --device/--decode comparison's figures to this file")
     args = ap.parse_args()
     problem = check_device_options(args)
     if problem:
@@ -263,7 +274,10 @@ def main() -> None:
         print(f"model {args.model} input {size} grid {grid}, batch {args.batch_size}, {args.precision}, "
               f"{args.per_shard} {kind} JPEGs per shard, {os.cpu_count()} CPUs ({cpu_name()}){gpu}")
         if args.worker_only or args.device == "cuda" or args.decode != "cpu":
-            decode_comparison(args, model, config, size, urls, big, work)
+            figures = decode_comparison(args, model, config, size, urls, big, work)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(figures, f, indent=1)
         if args.worker_only:
             return
         if args.device == "cuda":
