@@ -261,6 +261,9 @@ class TrainLoader:
                 ChunkAugmenter(image_size), batch_size=None, sampler=self._source, num_workers=workers,
                 collate_fn=_as_is, persistent_workers=True, prefetch_factor=CHUNKS_AHEAD,
                 multiprocessing_context=_mp_context(mp_context),
+                # Its own generator: the DataLoader draws a base seed on every epoch's reset, which
+                # from the global one would shift the model's dropout/drop-path RNG with N.
+                generator=torch.Generator().manual_seed(seed),
             )
 
     def epoch(self, epoch: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

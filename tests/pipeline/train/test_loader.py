@@ -214,3 +214,16 @@ def test_train_epoch_measures_the_input_wait_and_the_epoch_line_shows_it():
 def test_the_loader_starts_its_processes_with_forkserver():
     with TrainLoader(None, rank=0, world=1, seed=0, batch_size=2, image_size=32, workers=1) as loader:
         assert loader._loader.multiprocessing_context.get_start_method() == "forkserver"
+
+
+def test_the_loader_leaves_the_global_torch_rng_alone(index):
+    # The model's dropout and drop path draw from it: a loader must not shift it with N.
+    draws = {}
+    for workers in (0, 1):
+        torch.manual_seed(0)
+        with TrainLoader(index, rank=0, world=1, seed=0, batch_size=6, image_size=32, buffer_size=7,
+                         workers=workers) as loader:
+            for epoch in (0, 1):
+                list(loader.epoch(epoch, 2))
+                draws.setdefault(workers, []).append(torch.rand(3))
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
