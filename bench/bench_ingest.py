@@ -14,8 +14,11 @@ and grain, about 60-100 KB each) in WebDataset shards on local disk.
 
 Printed: img/s of each; per process, the loader's img/s / N / limit (target >= 0.85);
 and 2 processes / 1 process (target >= 1.8x on 2 cores). The limit is measured before
-and after the loader runs and averaged, so drifting load on a shared machine shows as a
-spread, not a bias. No time fails anything: these are figures to read.
+and after the loader runs and averaged (and the loader runs ``--rounds`` times, averaged),
+so drifting load on a shared machine shows as a spread, not a bias. CPU time per image
+(the main process's and the loader processes', from /proc) is printed too: it moves less
+with the load, and says where the overhead is. No time fails anything: these are figures
+to read.
 
     python bench/bench_ingest.py [--images 768] [--batch-size 32] [--rounds 2]
 """
@@ -76,27 +79,42 @@ def write_shards(root: str, images: int, per_shard: int, seed: int = 0) -> tuple
     return f"{root}/", float(np.mean(sizes)) / 1024
 
 
-def limit(urls: list[str]) -> float:
-    """img/s of the plain loop: read, decode, augment, one process, one image at a time."""
+def limit(urls: list[str]) -> tuple[float, float]:
+    """The plain loop: read, decode, augment, one process, one image at a time; (img/s, CPU ms an image)."""
     n = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for url in urls:
         for i, sample in enumerate(read_samples(url, decode=False)):
             decoded = decode_sample(sample)
             train_transform(decoded.image, SIZE, random.Random(f"bench-{i}"))
             n += 1
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1000
 
 
-def loader_rate(index, workers: int, batch_size: int, steps: int) -> float:
-    """img/s of train batches through the loader with ``workers`` processes (after a warm-up)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_rate(index, workers: int, batch_size: int, steps: int) -> tuple[float, float, float]:
+    """Train batches through the loader with ``workers`` processes, after a warm-up epoch:
+    (img/s, the main process's CPU ms an image, the loader processes' CPU ms an image)."""
     with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
                      workers=workers) as loader:
         for _ in loader.epoch(0, 2):  # starts the processes
             pass
-        start = time.perf_counter()
+        pids = loader.loader_pids()
+        before = [cpu_seconds(p) for p in pids]
+        start, cpu = time.perf_counter(), time.process_time()
         got = sum(len(labels) for _, labels in loader.epoch(1, steps))
-        return got / (time.perf_counter() - start)
+        rate, main_cpu = got / (time.perf_counter() - start), (time.process_time() - cpu) / got * 1000
+        loaders_cpu = sum(cpu_seconds(p) - b for p, b in zip(pids, before)) / got * 1000
+        return rate, main_cpu, loaders_cpu
 
 
 def main() -> None:
@@ -122,18 +140,21 @@ def main() -> None:
               f"(written in {time.perf_counter() - t:.0f} s); {SIZE} px, batch {args.batch_size}, {steps} steps",
               flush=True)
         limits = [limit(index.urls)]
-        print(f"limit (plain loop, 1 process): {limits[0]:.1f} img/s", flush=True)
-        rates = {}
+        print(f"limit (plain loop, 1 process): {limits[0][0]:.1f} img/s, {limits[0][1]:.2f} CPU ms/img", flush=True)
+        rates, cpu = {}, {}
         for workers in (1, 2):
             runs = [loader_rate(index, workers, args.batch_size, steps) for _ in range(args.rounds)]
-            rates[workers] = max(runs)
-            print(f"loader, {workers} process(es): {rates[workers]:.1f} img/s "
-                  f"(runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+            rates[workers] = float(np.mean([r[0] for r in runs]))
+            cpu[workers] = (float(np.mean([r[1] for r in runs])), float(np.mean([r[2] for r in runs])))
+            print(f"loader, {workers} process(es): {rates[workers]:.1f} img/s (runs: "
+                  f"{', '.join(f'{r[0]:.1f}' for r in runs)}); CPU ms/img: main process {cpu[workers][0]:.2f}, "
+                  f"loader processes {cpu[workers][1]:.2f}", flush=True)
         limits.append(limit(index.urls))
-        ref = float(np.mean(limits))
-        print(f"limit again: {limits[1]:.1f} img/s; reference (mean) {ref:.1f} img/s")
+        ref, ref_cpu = float(np.mean([x[0] for x in limits])), float(np.mean([x[1] for x in limits]))
+        print(f"limit again: {limits[1][0]:.1f} img/s; reference (mean) {ref:.1f} img/s, {ref_cpu:.2f} CPU ms/img")
         for workers, rate in rates.items():
-            print(f"per process, {workers} process(es): {rate / workers / ref:.2f} of the limit (target >= 0.85)")
+            print(f"per process, {workers} process(es): {rate / workers / ref:.2f} of the limit (target >= 0.85); "
+                  f"by CPU time, limit / (loader + main) {ref_cpu / sum(cpu[workers]):.2f}")
         print(f"2 processes / 1 process: {rates[2] / rates[1]:.2f}x (target >= 1.8x on 2 cores)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

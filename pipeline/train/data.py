@@ -379,8 +379,9 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
             if close is not None:
                 close()
 
-    threading.Thread(target=run, name="satloc-prefetch", daemon=True).start()
+    thread = threading.Thread(target=run, name="satloc-prefetch", daemon=True)
+    thread.start()
     try:
         yield from handoff.items()
     finally:
-        handoff.close()
+        handoff.close(thread)  # the thread ends after its current item: nothing runs ``items`` after this

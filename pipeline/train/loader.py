@@ -24,12 +24,15 @@ processes -> exactly ``steps`` augmented batches per epoch (docs/architecture.md
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pipeline.data.preprocess import train_transform
 from pipeline.data.reader import Sample, decode_sample
@@ -92,28 +95,55 @@ class RawSample(NamedTuple):
     unreadable_before: int  # unreadable samples of the shards between the previous one and this one
 
 
+class RawChunk(NamedTuple):
+    """A chunk of raw samples as it travels to a process: the image bytes back to back in
+    one ``bytes`` (pickled through the DataLoader's pipe: cheaper here than a shared-memory
+    segment per chunk, bench/bench_ingest.py)."""
+
+    data: bytes
+    ends: list[int]  # where each sample's bytes end in ``data``
+    labels: list[int]
+    reps: list[int]
+    seeds: list[str]
+    unreadable: int  # unreadable samples of the shards read before the chunk's ones
+
+
+def pack_chunk(samples: list[RawSample]) -> RawChunk:
+    return RawChunk(b"".join(s.image_bytes for s in samples),
+                    np.cumsum([len(s.image_bytes) for s in samples]).tolist(),
+                    [s.label for s in samples], [s.rep for s in samples], [s.seed for s in samples],
+                    sum(s.unreadable_before for s in samples))
+
+
 class DecodedChunk(NamedTuple):
     images: torch.Tensor  # uint8 k x 3 x S x S, the decodable samples of the chunk, in order
-    labels: torch.Tensor  # int64 k
+    labels: list[int]  # k (a list: a tensor would cost one more shared-memory hand-over)
     reps: list[int]  # the pass of every sample of the chunk, decoded or not, in order
     decoded: list[bool]  # whether it decoded
     unreadable: int  # samples of the shards skipped before the chunk's ones (read errors)
 
 
-def augment_chunk(chunk: list[RawSample], image_size: int) -> DecodedChunk:
+def augment_chunk(chunk: RawChunk, image_size: int) -> DecodedChunk:
     """Decode and augment a chunk (in a loader process, or the prefetch thread)."""
-    import random
-
+    data = memoryview(chunk.data)
     images, labels, decoded = [], [], []
-    for raw in chunk:
-        sample = decode_sample(Sample(key=raw.key, shard=raw.shard, label=raw.label, image_bytes=raw.image_bytes))
+    start = 0
+    for end, label, seed in zip(chunk.ends, chunk.labels, chunk.seeds):
+        sample = decode_sample(Sample(key="", shard="", label=label, image_bytes=bytes(data[start:end])))
+        start = end
         decoded.append(sample.error is None)
         if sample.error is None:
-            images.append(train_transform(sample.image, image_size, random.Random(raw.seed)))
-            labels.append(raw.label)
-    stacked = torch.stack(images) if images else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
-    return DecodedChunk(stacked, torch.tensor(labels, dtype=torch.int64), [r.rep for r in chunk], decoded,
-                        sum(r.unreadable_before for r in chunk))
+            images.append(train_transform(sample.image, image_size, random.Random(seed)))
+            labels.append(label)
+    if not images:
+        out = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    elif get_worker_info() is not None:  # in a process: stacked straight into shared memory, as
+        first = images[0]                 # torch's default_collate does, so nothing is copied on the way back
+        storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
+        out = torch.stack(images, out=first.new(storage).resize_(len(images), *first.shape))
+    else:
+        out = torch.stack(images)
+    return DecodedChunk(out, labels, chunk.reps, decoded, chunk.unreadable)
 
 
 class ChunkAugmenter(Dataset):
@@ -122,18 +152,27 @@ class ChunkAugmenter(Dataset):
     def __init__(self, image_size: int) -> None:
         self.image_size = image_size
 
-    def __getitem__(self, chunk: list[RawSample]) -> DecodedChunk:
+    def __getitem__(self, chunk: RawChunk) -> DecodedChunk:
         return augment_chunk(chunk, self.image_size)
 
 
 class ChunkSource:
-    """The DataLoader's sampler: the current epoch's chunks (iterated in the main process)."""
+    """The DataLoader's sampler: the epoch's chunks, ``budget`` at a time (iterated in the
+    main process). When the budget is spent it stops, so the DataLoader's iterator ends
+    after those chunks; the next ``iter(loader)`` goes on with a new budget."""
 
     def __init__(self) -> None:
-        self.chunks: Iterator[list[RawSample]] = iter(())
+        self.chunks: Iterator[RawChunk] = iter(())
+        self.budget = 0
 
-    def __iter__(self) -> Iterator[list[RawSample]]:
-        return self.chunks
+    def __iter__(self) -> "ChunkSource":
+        return self
+
+    def __next__(self) -> RawChunk:
+        if self.budget <= 0:
+            raise StopIteration
+        self.budget -= 1
+        return next(self.chunks)
 
 
 def _as_is(item):
@@ -194,46 +233,62 @@ def chunked(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def full_batches(chunks: Iterator[DecodedChunk], batch_size: int, steps: int, skipped: SkipCounter,
-                 rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``steps`` batches of ``batch_size`` from decoded chunks of any size.
+def full_batches(decode: Callable[[int], Iterator[DecodedChunk]], chunk_size: int, batch_size: int, steps: int,
+                 skipped: SkipCounter, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly ``steps`` batches of ``batch_size``; ``decode(n)`` gives the next ``n`` decoded
+    chunks of ``chunk_size`` raw samples (fewer images where samples did not decode).
 
-    Counts the undecodable samples; a pass over the share with no decodable sample at all
-    is an error (the stream would otherwise never fill a batch).
+    Asks for just the chunks the missing batches need if every sample decodes, then again
+    for what skipped samples left missing, so no process decodes past the epoch's end.
+    Counts the skipped samples; a pass over the share with no decodable sample at all is an
+    error (the stream would otherwise never fill a batch).
     """
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     have = done = 0
     rep, decoded_in_rep = 0, 0
-    for chunk in chunks:
-        skipped.unreadable += chunk.unreadable
-        for r, ok in zip(chunk.reps, chunk.decoded):
-            if r != rep:
-                if decoded_in_rep == 0:
-                    raise TrainDataError(
-                        f"worker {rank} of {world} found no decodable training image in a whole pass "
-                        f"over its share of --train-shards ({skipped.undecodable} undecodable): check the shards"
-                    )
-                rep, decoded_in_rep = r, 0
-            decoded_in_rep += ok
-            skipped.undecodable += not ok
-        if len(chunk.labels):
-            images.append(chunk.images)
-            labels.append(chunk.labels)
-            have += len(chunk.labels)
-        while have >= batch_size:
-            if len(images) == 1 and have == batch_size:  # the usual case: no copy
-                batch_images, batch_labels = images[0], labels[0]
-                images, labels = [], []
-            else:
-                all_images, all_labels = torch.cat(images), torch.cat(labels)
-                batch_images, batch_labels = all_images[:batch_size], all_labels[:batch_size]
-                images, labels = [all_images[batch_size:]], [all_labels[batch_size:]]
-            have -= batch_size
-            yield batch_images, batch_labels
-            done += 1
-            if done == steps:
-                return
+    while done < steps:
+        missing = (steps - done) * batch_size - have
+        chunks = decode(-(-missing // chunk_size))
+        try:
+            for chunk in chunks:
+                rep, decoded_in_rep = _check_pass(chunk, rep, decoded_in_rep, skipped, rank, world)
+                if len(chunk.labels):
+                    images.append(chunk.images)
+                    labels.append(torch.tensor(chunk.labels, dtype=torch.int64))
+                    have += len(chunk.labels)
+                while have >= batch_size:
+                    if len(images) == 1 and have == batch_size:  # the usual case: no copy
+                        batch_images, batch_labels = images[0], labels[0]
+                        images, labels = [], []
+                    else:
+                        all_images, all_labels = torch.cat(images), torch.cat(labels)
+                        batch_images, batch_labels = all_images[:batch_size], all_labels[:batch_size]
+                        images, labels = [all_images[batch_size:]], [all_labels[batch_size:]]
+                    have -= batch_size
+                    done += 1
+                    yield batch_images, batch_labels
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # a prefetch thread: stopped and joined
+
+
+def _check_pass(chunk: DecodedChunk, rep: int, decoded_in_rep: int, skipped: SkipCounter, rank: int,
+                world: int) -> tuple[int, int]:
+    """Count the chunk's skipped samples; fail on a whole pass over the share without an image."""
+    skipped.unreadable += chunk.unreadable
+    for r, ok in zip(chunk.reps, chunk.decoded):
+        if r != rep:
+            if decoded_in_rep == 0:
+                raise TrainDataError(
+                    f"worker {rank} of {world} found no decodable training image in a whole pass "
+                    f"over its share of --train-shards ({skipped.undecodable} undecodable): check the shards"
+                )
+            rep, decoded_in_rep = r, 0
+        decoded_in_rep += ok
+        skipped.undecodable += not ok
+    return rep, decoded_in_rep
 
 
 class TrainLoader:
@@ -254,6 +309,7 @@ class TrainLoader:
         self.chunk_size = batch_size  # a clean chunk is a batch: no copy in full_batches
         self.skipped = SkipCounter()
         self._raw: Iterator | None = None
+        self._batches: Iterator | None = None  # the current epoch's, closed before its reader
         self._loader: DataLoader | None = None
         self._source = ChunkSource()
         if workers > 0:
@@ -270,25 +326,21 @@ class TrainLoader:
         """Exactly ``steps`` (uint8 B x 3 x S x S, int64 B) batches of epoch ``epoch``."""
         self._close_raw()
         self.skipped = SkipCounter()
-        raw = raw_samples(self.index, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed,
-                          buffer_size=self.buffer_size)
-        chunks = chunked(raw, self.chunk_size)
-        if self._loader is None:
-            decoded = (augment_chunk(c, self.image_size) for c in chunks)
-            # The prefetch thread reads, and closes the reader when it stops.
-            decoded = prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
-        else:
-            self._raw = raw  # read in this thread as the DataLoader asks: closed by the next epoch
-            self._source.chunks = chunks
-            decoded = iter(self._loader)  # persistent processes: a reset, not a restart
-        return self._batches(decoded, steps)
+        self._raw = raw_samples(self.index, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed,
+                                buffer_size=self.buffer_size)  # closed by the next epoch or close()
+        chunks = (pack_chunk(c) for c in chunked(self._raw, self.chunk_size))
 
-    def _batches(self, decoded: Iterator[DecodedChunk], steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        try:
-            yield from full_batches(decoded, self.batch_size, steps, self.skipped, self.rank, self.world)
-        finally:
+        def decode(n: int) -> Iterator[DecodedChunk]:
+            """The next ``n`` chunks, decoded; one round of reading and decoding."""
             if self._loader is None:
-                decoded.close()  # stops the prefetch thread (and its reader)
+                decoded = (augment_chunk(c, self.image_size) for c in itertools.islice(chunks, n))
+                return prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
+            self._source.chunks, self._source.budget = chunks, n
+            return iter(self._loader)  # persistent processes: a reset, not a restart
+
+        self._batches = full_batches(decode, self.chunk_size, self.batch_size, steps, self.skipped, self.rank,
+                                     self.world)
+        return self._batches
 
     def loader_pids(self) -> list[int]:
         """The loader processes' ids (empty before the first epoch and after ``close``)."""
@@ -306,6 +358,9 @@ class TrainLoader:
             self._loader = None
 
     def _close_raw(self) -> None:
+        if self._batches is not None:
+            self._batches.close()  # an abandoned epoch: its prefetch thread stops reading first
+            self._batches = None
         if self._raw is not None:
             self._raw.close()  # closes the shard being read
             self._raw = None
