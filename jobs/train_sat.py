@@ -36,9 +36,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model.precision import PRECISION_CHOICES  # noqa: E402
 from pipeline.train.recipes import TRAIN_RECIPES, train_recipe  # noqa: E402
 from pipeline.train.job import run_training  # noqa: E402
+from pipeline.train.loader import AUTO, parse_loader_workers  # noqa: E402
 from pipeline.train.options import TrainOptions, is_deit_size, resolve_model_name, setting_fields  # noqa: E402
 from pipeline.train.loop import FREEZE_MODES, PRECISIONS, SCHEDULES  # noqa: E402
 from pipeline.evaluation.threshold import THRESHOLD_METRICS  # noqa: E402
+
+def _loader_workers(text: str) -> str | int:
+    try:
+        n = parse_loader_workers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--loader-workers ")) from None
+    return AUTO if n is None else n
+
 
 TRAIN_PRECISION_CHOICES = tuple(p for p in PRECISION_CHOICES if p == "auto" or p in PRECISIONS)
 # Given as they are, never from a recipe: the data, the recipe itself, where the run goes.
@@ -74,6 +83,9 @@ FLAGS = (
     ("images_per_class", "few-shot: the first N keys of each class (sorted)", {}),
     ("num_workers", "", {}),
     ("use_gpu", "", {}),
+    ("cpus_per_worker", "CPUs Ray gives each worker (default 1); torch and the loader processes share them", {}),
+    ("loader_workers", "decode-and-augment processes per worker: auto (CPUs - 1 with --use-gpu, else "
+     "CPUs // 4) or a count; 0 decodes in one thread of the worker", dict(type=_loader_workers)),
     ("precision", "auto: bf16 on GPUs and native-bf16 CPUs, else fp32", dict(choices=TRAIN_PRECISION_CHOICES)),
     ("storage_path", "Ray Train run storage: a directory or s3:// URL", {}),
     ("name", "run name (same name + storage path = resume)", {}),

@@ -13,7 +13,9 @@ few-shot subset is fixed. During training each worker streams its own share:
   output is a random pick from it. Seeds are derived from (seed, epoch, rank), so an
   epoch's batches are the same in an uninterrupted and in a resumed run.
 - **Augmentation** (DESIGN §5): square resize to size*256/224, random crop, flip
-  (``pipeline.data.preprocess.train_transform``); batches stay uint8 until the model.
+  (``pipeline.data.preprocess.train_transform``), in N loader processes
+  (``pipeline.train.loader``), each sample's RNG seeded from (seed, epoch, rank, pass,
+  position), so batches do not depend on N; batches stay uint8 until the model.
 - **Equal steps.** Every worker yields exactly ``steps`` batches (DDP needs the same count
   on every rank): a worker whose share runs out starts another shuffled pass over it.
 - **Few-shot** (``images_per_class=N``): the first N keys of every class in sorted key
@@ -22,7 +24,6 @@ few-shot subset is fixed. During training each worker streams its own share:
 """
 from __future__ import annotations
 
-import itertools
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,7 @@ import torch
 
 from pipeline.data.batches import batches
 from pipeline.data.handoff import Handoff
-from pipeline.data.preprocess import resize_to_input, train_transform
+from pipeline.data.preprocess import resize_to_input
 from pipeline.data.reader import Sample, decode_sample, read_samples
 from pipeline.data.shards import expand_shards
 
@@ -259,12 +260,22 @@ def worker_share(index: SplitIndex, rank: int, world: int, epoch: int = 0, seed:
     return WorkerShare(tuple(urls), rank, world, by_modulo=world > 1, keys=keys)
 
 
-def share_samples(share: WorkerShare) -> Iterator[Sample]:
-    """The share's samples, undecoded, in stream order (errors and unlabelled skipped)."""
-    running = 0
+def share_samples(share: WorkerShare, on_error: Callable[[Sample], None] | None = None) -> Iterator[Sample]:
+    """The share's samples, undecoded, in stream order (errors and unlabelled skipped).
+
+    ``on_error`` sees the unreadable samples (read errors); where every worker reads the
+    same shards (``by_modulo``), each worker sees its modulo share of them, so that counts
+    summed over workers count each once.
+    """
+    running = errors = 0
     for url in share.urls:
         for sample in read_samples(url, decode=False):
-            if sample.error is not None or sample.label is None:
+            if sample.error is not None:
+                if on_error is not None and (not share.by_modulo or errors % share.world == share.rank):
+                    on_error(sample)
+                errors += 1
+                continue
+            if sample.label is None:
                 continue
             if share.keys is not None and (url, sample.key) not in share.keys:
                 continue
@@ -310,35 +321,16 @@ def train_batches(
     image_size: int,
     buffer_size: int = 1000,
     prefetch: int = 2,
+    loader_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``steps`` augmented (uint8 B x 3 x S x S, int64 B) batches for this worker."""
+    """Exactly ``steps`` augmented (uint8 B x 3 x S x S, int64 B) batches for this worker,
+    decoded in ``loader_workers`` processes (0: one background thread). A whole run keeps
+    one ``pipeline.train.loader.TrainLoader`` instead, so its processes start once."""
+    from pipeline.train.loader import train_batches as loader_batches  # it builds on this module
 
-    def examples() -> Iterator[tuple[torch.Tensor, int]]:
-        """Augmented (image, label) pairs, the share reshuffled on each pass, endlessly."""
-        rep = 0
-        while True:
-            share = worker_share(index, rank, world, epoch * 1000 + rep, seed)
-            rng = _epoch_rng("train", seed, epoch, rank, rep)
-            got = 0
-            for sample in shuffle_buffer(share_samples(share), buffer_size, rng):
-                decoded = decode_sample(sample)
-                if decoded.error is not None:
-                    continue
-                got += 1
-                yield train_transform(decoded.image, image_size, rng), decoded.label
-            if got == 0:
-                raise TrainDataError(
-                    f"worker {rank} of {world} found no decodable training sample in its share "
-                    f"of --train-shards ({len(share.urls)} shard(s)): check the shards"
-                )
-            rep += 1
-
-    def produce() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in itertools.islice(batches(examples(), batch_size), steps):
-            images, labels = zip(*batch)
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-    return prefetched(produce(), prefetch) if prefetch > 0 else produce()
+    return loader_batches(index, rank=rank, world=world, epoch=epoch, seed=seed, batch_size=batch_size,
+                          steps=steps, image_size=image_size, buffer_size=buffer_size, prefetch=prefetch,
+                          loader_workers=loader_workers)
 
 
 @dataclass
@@ -382,9 +374,14 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
             handoff.finish()
         except BaseException as e:  # hand the error to the consumer
             handoff.fail(e)
+        finally:  # in this thread, which runs ``items``: close its readers now, not at GC
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    threading.Thread(target=run, name="satloc-prefetch", daemon=True).start()
+    thread = threading.Thread(target=run, name="satloc-prefetch", daemon=True)
+    thread.start()
     try:
         yield from handoff.items()
     finally:
-        handoff.close()
+        handoff.close(thread)  # the thread ends after its current item: nothing runs ``items`` after this

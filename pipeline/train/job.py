@@ -56,6 +56,7 @@ from pipeline.train.options import (
     input_size,
     option_warnings,
     resolve_model_name,
+    resolve_loader_workers,
     resolved_settings,
     run_config,
     run_fingerprint,
@@ -241,10 +242,13 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     if done is not None:
         return done
     steps = train_index.total // cfg.batch_size
+    loader_workers = resolve_loader_workers(options)
     log(options, f"run '{options.name}' at {run_url} ({'resuming' if resuming else 'new'}): "
                  f"{train_index.total} train / {val_index.total} val images, {num_classes} classes, "
                  f"{options.num_workers} worker(s) x batch {cfg.batch_size // options.num_workers}, "
-                 f"{steps} steps/epoch, {cfg.epochs} epochs")
+                 f"{steps} steps/epoch, {cfg.epochs} epochs; input: "
+                 + (f"{loader_workers} loader process(es) per worker" if loader_workers else "one thread per worker")
+                 + f" (--loader-workers {options.loader_workers})")
     model_config = default_config(
         cfg.model, num_classes, model_kwargs=cfg.model_kwargs, class_names=class_names,
         mean=list(cfg.mean), std=list(cfg.std),
@@ -257,6 +261,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         val_batch_size=options.val_batch_size, shuffle_buffer=options.shuffle_buffer,
         threshold_metric=options.threshold_metric, model_config=model_config,
         stop_after_epochs=options.stop_after_epochs, ray_log_level=options.ray_log_level,
+        loader_workers=loader_workers,
     )
     summary = {
         "name": options.name, "run_path": run_url, "num_classes": num_classes, "class_names": class_names,

@@ -197,14 +197,16 @@ def train_epoch(
     steps_per_epoch: int,
     device: torch.device = torch.device("cpu"),
 ) -> dict[str, float]:
-    """One epoch over (uint8 images, labels) batches; returns the epoch's mean metrics."""
+    """One epoch over (uint8 images, labels) batches; returns the epoch's mean metrics and
+    ``input_wait``, the share of the epoch's time spent waiting for the next batch."""
     model.train()
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     sums: dict[str, float] = {}
     seen = 0
+    waited_for = [0.0]  # seconds blocked on the next batch: input the step had to wait for
     start = time.perf_counter()
-    for i, (images, labels) in enumerate(batches):
+    for i, (images, labels) in enumerate(_timed(batches, waited_for)):
         step = epoch * steps_per_epoch + i
         set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps, cfg.schedule))
         scale = spatial_scale(epoch + i / steps_per_epoch, cfg.spatial_loss_start, cfg.spatial_loss_ramp)
@@ -232,8 +234,24 @@ def train_epoch(
         for k, v in batch_stats.items():
             sums[k] = sums.get(k, 0.0) + v * n
     metrics = {k: v / max(seen, 1) for k, v in sums.items()}
-    metrics.update(images=seen, seconds=time.perf_counter() - start, spatial_scale=scale if seen else 0.0)
+    seconds = time.perf_counter() - start
+    metrics.update(images=seen, seconds=seconds, spatial_scale=scale if seen else 0.0,
+                   input_wait=waited_for[0] / max(seconds, 1e-9))
     return metrics
+
+
+def _timed(items: Iterable, waited: list[float]) -> Iterator:
+    """``items``, adding the seconds spent blocked on each ``next`` to ``waited[0]``."""
+    iterator = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            waited[0] += time.perf_counter() - start
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
 
 
 @torch.no_grad()

@@ -16,13 +16,14 @@ from model.factory import PRETRAINED_BACKBONES, split_name
 from model.losses import SATLossConfig
 from model.precision import resolve_precision
 from pipeline.data.preprocess import train_resize_size
+from pipeline.train.loader import auto_loader_workers, parse_loader_workers
 from pipeline.train.loop import TrainConfig
 from pipeline.evaluation.threshold import THRESHOLD_METRICS
 
 # Options that may change between a run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"num_workers", "use_gpu", "max_failures", "output", "threshold_metric",
                      "stop_after_epochs", "verbose", "ray_temp_dir", "name", "storage_path",
-                     "cpus_per_worker", "ray_log_level", "recipe"}
+                     "cpus_per_worker", "ray_log_level", "recipe", "loader_workers"}
 
 # TrainConfig fields the job sets itself: the class count from the shards, the precision
 # from TrainOptions.precision and the device, mean/std from the model's preprocessing.
@@ -65,6 +66,9 @@ class TrainOptions:
     verbose: bool = True
     ray_temp_dir: str | None = None  # for an in-process cluster started here
     cpus_per_worker: float | None = None  # Ray's default (1) unless set; torch uses as many threads
+    # Decode-and-augment processes per worker: "auto" (pipeline.train.loader.auto_loader_workers:
+    # CPUs - 1 on a GPU worker, CPUs // 4 on a CPU one) or a count; 0 decodes in a thread.
+    loader_workers: str | int = "auto"
     ray_log_level: str = "WARNING"  # Ray Train's own logs (INFO shows every report)
 
     @classmethod
@@ -204,6 +208,9 @@ def check_options(options: TrainOptions) -> None:
         )
     if options.threshold_metric not in THRESHOLD_METRICS:
         raise ValueError(f"--threshold-metric must be one of {THRESHOLD_METRICS}, got {options.threshold_metric!r}")
+    resolve_loader_workers(options)  # --loader-workers auto or a count >= 0
+    if options.cpus_per_worker is not None and options.cpus_per_worker <= 0:
+        raise ValueError(f"--cpus-per-worker must be positive, got {options.cpus_per_worker}")
     if options.max_failures < -1:
         raise ValueError(f"--max-failures must be >= 0 (or -1 for unlimited), got {options.max_failures}")
     cfg = options.train
@@ -212,6 +219,15 @@ def check_options(options: TrainOptions) -> None:
     if not 0 < cfg.backbone_lr_scale <= 1e3:
         raise ValueError(f"--backbone-lr-scale must be positive, got {cfg.backbone_lr_scale}")
     run_config(options, num_classes=2)  # model name, overrides, precision
+
+
+def resolve_loader_workers(options: TrainOptions) -> int:
+    """``--loader-workers`` as a count: ``auto`` follows ``--cpus-per-worker`` (1 if unset) and
+    ``--use-gpu``."""
+    requested = parse_loader_workers(options.loader_workers)
+    if requested is not None:
+        return requested
+    return auto_loader_workers(options.cpus_per_worker or 1, options.use_gpu)
 
 
 def default_run_name(options: TrainOptions) -> str:

@@ -16,7 +16,8 @@ import torch
 from model.checkpoint import checkpoint_bytes, unwrap_model
 from model.precision import autocast_for
 from pipeline.data.preprocess import normalize
-from pipeline.train.data import SplitIndex, train_batches, val_batches
+from pipeline.train.data import SplitIndex, val_batches
+from pipeline.train.loader import TrainLoader
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch
 from pipeline.evaluation.threshold import THRESHOLD_METRICS, LocCounts, choose_threshold, count_hits, tau_grid
 
@@ -43,13 +44,20 @@ def _all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
     return t.numpy()
 
 
+SUMMED_METRICS = ("skipped",)  # counts: summed over workers, not averaged
+
+
 def reduce_train_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Image-weighted means over all workers (train_epoch gives this worker's)."""
-    keys = sorted(k for k in metrics if k not in ("images", "seconds"))
+    """Image-weighted means over all workers (train_epoch gives this worker's), sums of
+    the counts in SUMMED_METRICS."""
+    keys = sorted(k for k in metrics if k not in ("images", "seconds", *SUMMED_METRICS))
+    counts = [k for k in SUMMED_METRICS if k in metrics]
     n = metrics["images"]
-    summed = _all_reduce(np.array([metrics[k] * n for k in keys] + [n], dtype=np.float64))
+    summed = _all_reduce(np.array([metrics[k] * n for k in keys] + [metrics[k] for k in counts] + [n],
+                                  dtype=np.float64))
     total = summed[-1]
     out = {k: float(summed[i] / max(total, 1)) for i, k in enumerate(keys)}
+    out.update({k: int(summed[len(keys) + i]) for i, k in enumerate(counts)})
     seconds = float(_all_reduce(np.array([metrics["seconds"]]), op="max")[0])  # the slowest worker's
     out["images"] = int(total)
     out["seconds"] = seconds
@@ -141,6 +149,7 @@ class WorkerPlan:
     model_config: dict  # the satloc checkpoint config of each epoch's model file
     stop_after_epochs: int | None = None
     ray_log_level: str = "WARNING"
+    loader_workers: int = 0  # decode-and-augment processes per worker (resolved: auto is the job's)
 
 
 def train_worker(plan: WorkerPlan) -> None:
@@ -151,29 +160,33 @@ def train_worker(plan: WorkerPlan) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _quiet_report_log(plan.ray_log_level)
-    device = _worker_device()
+    device = _worker_device(plan.loader_workers)
     model = build_model(plan.train).to(device)  # on its device before the optimizer state is loaded
     optimizer = build_optimizer(model, plan.train)
     state = _resume(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
     epochs = plan.train.epochs
-    for epoch in range(state["epoch"] + 1, epochs):
-        metrics = _worker_epoch(plan, model, optimizer, epoch, rank, world, device)
-        state = {"epoch": epoch, "history": state["history"] + [metrics]}
-        _report(plan, model, optimizer, metrics, state, rank)
-        stop = plan.stop_after_epochs
-        if stop is not None and epoch + 1 == stop and epoch != epochs - 1:
-            raise TrainingInterrupted(f"stopped on purpose after epoch {stop} (stop_after_epochs)")
+    # One loader for the run: its processes start once, and stop when training ends or fails.
+    with TrainLoader(plan.train_index, rank=rank, world=world, seed=plan.train.seed,
+                     batch_size=plan.worker_batch_size, image_size=plan.image_size,
+                     buffer_size=plan.shuffle_buffer, workers=plan.loader_workers) as loader:
+        for epoch in range(state["epoch"] + 1, epochs):
+            metrics = _worker_epoch(plan, model, optimizer, loader, epoch, rank, world, device)
+            state = {"epoch": epoch, "history": state["history"] + [metrics]}
+            _report(plan, model, optimizer, metrics, state, rank)
+            stop = plan.stop_after_epochs
+            if stop is not None and epoch + 1 == stop and epoch != epochs - 1:
+                raise TrainingInterrupted(f"stopped on purpose after epoch {stop} (stop_after_epochs)")
 
 
-def _worker_device() -> torch.device:
+def _worker_device(loader_workers: int = 0) -> torch.device:
     import ray
     import ray.train.torch
 
     device = ray.train.torch.get_device()
-    if device.type == "cpu":  # one intra-op thread per CPU Ray gave this worker
+    if device.type == "cpu":  # one intra-op thread per CPU Ray gave this worker and no loader process uses
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, int(cpus) - loader_workers))
     return device
 
 
@@ -195,15 +208,14 @@ def _resume(model, optimizer, rank: int) -> dict:
     return state
 
 
-def _worker_epoch(plan: WorkerPlan, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
+def _worker_epoch(plan: WorkerPlan, model, optimizer, loader: TrainLoader, epoch: int, rank: int, world: int,
+                  device) -> dict:
     """Train one epoch on this worker's shards, validate; the metrics of all workers."""
     cfg, steps, size = plan.train, plan.steps_per_epoch, plan.image_size
     _seed_epoch(cfg.seed, epoch, rank)
-    batches = train_batches(
-        plan.train_index, rank=rank, world=world, epoch=epoch, seed=cfg.seed,
-        batch_size=plan.worker_batch_size, steps=steps, image_size=size, buffer_size=plan.shuffle_buffer,
-    )
-    metrics = reduce_train_metrics(train_epoch(model, batches, optimizer, cfg, epoch, steps, device))
+    local = train_epoch(model, loader.epoch(epoch, steps), optimizer, cfg, epoch, steps, device)
+    local.update(skipped=loader.skipped.total, loader_workers=plan.loader_workers)
+    metrics = reduce_train_metrics(local)
     tau_step = FINAL_TAU_STEP if epoch == cfg.epochs - 1 else EPOCH_TAU_STEP
     metrics.update(validate_epoch(
         unwrap_model(model), cfg, plan.val_index, rank, world, plan.val_batch_size, size,
@@ -241,5 +253,6 @@ def format_metrics(m: dict, epochs: int) -> str:
         f"[satloc] epoch {m['epoch']}/{epochs} loss {m['loss']:.4f} ({parts}) train acc "
         f"{m['train_acc'] * 100:.1f}% map area {m['map_area']:.3f} | val top-1 {m['val_top1']:.1f}% "
         f"GT-known Loc {m['val_gt_known_loc']:.1f}% MaxBoxAccV2 {m['val_maxboxacc_v2']:.1f}% "
-        f"(tau {m['val_threshold']:.2f}) | {m['images_per_s']:.0f} img/s"
+        f"(tau {m['val_threshold']:.2f}) | {m['images_per_s']:.0f} img/s, input wait "
+        f"{m.get('input_wait', 0.0) * 100:.0f}%" + (f", {m['skipped']} sample(s) skipped" if m.get("skipped") else "")
     )

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -102,6 +103,7 @@ def test_two_workers_train_from_s3_and_checkpoint_there(full_run, data):
     assert history[-1]["loss"] < history[0]["loss"] - 0.05, [h["loss"] for h in history]
     for h in history:
         assert h["ce"] > 0 and 0 <= h["area"] <= 1 and 0 <= h["norm"] <= 0.25
+        assert 0 <= h["input_wait"] < 1 and h["skipped"] == 0
         assert 0 < h["map_area"] < 1 and 0 <= h["train_acc"] <= 1
         assert 0 <= h["val_top1"] <= 100 and 0 <= h["val_gt_known_loc"] <= 100
     # The exported checkpoint, on S3: class names from the shards, threshold from val.
@@ -142,18 +144,46 @@ def test_rerun_of_a_finished_run_reuses_it_without_training(full_run, data, tmp_
     assert sorted(p for p in fs.ls(root) if _is_checkpoint(p)) == before  # nothing trained
 
 
+def _forkserver_processes() -> set[int]:
+    """Processes started by multiprocessing's forkserver (loader processes and their server)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"multiprocessing.forkserver" in f.read():
+                    pids.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _no_new_forkserver_processes(before: set[int], timeout: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _forkserver_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(full_run, data):
+    # The full run decoded in each worker's thread (auto: 1 CPU a worker gives 0 processes);
+    # here 1 and then 2 loader processes a worker decode: the batches, so the end point,
+    # are the same.
+    assert {h["loader_workers"] for h in full_run["history"]} == {0}
+    before = _forkserver_processes()
     with pytest.raises(RuntimeError, match="stopped on purpose after epoch 1.*rerun with the same options"):
-        run_training(options(data, "resume", stop_after_epochs=1))
+        run_training(options(data, "resume", stop_after_epochs=1, loader_workers=1))
+    assert _no_new_forkserver_processes(before) == set()  # a failed run leaves no loader process
     fs, root = url_to_fs(f"{data}/runs/resume")
     ckpts = [p for p in fs.ls(root) if _is_checkpoint(p)]
     assert len(ckpts) == 1
     assert json.loads(fs.cat_file(f"{ckpts[0]}/train_state.json"))["epoch"] == 0
     assert not fs.exists(f"{data}/out/resume.safetensors".split("://", 1)[1])
 
-    r = run_training(options(data, "resume"))
+    r = run_training(options(data, "resume", loader_workers=2))
+    assert _no_new_forkserver_processes(before) == set()
     assert r["resumed"]
     assert [h["epoch"] for h in r["history"]] == [1, 2, 3]
+    assert [h["loader_workers"] for h in r["history"]] == [1, 2, 2]
     # Same seed, same data order per epoch, optimizer state restored: same end point.
     for a, b in zip(r["history"], full_run["history"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)

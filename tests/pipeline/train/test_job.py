@@ -56,7 +56,7 @@ def test_from_settings_nests_the_loss_and_settings_gives_the_flat_names_back():
     assert o.train.lr == 3e-4 and o.train.seed == 7 and o.num_workers == 4
     assert o.train.loss == SATLossConfig(alpha=0.35, area_mode="image")
     flat = o.settings()
-    assert set(flat) == LEGACY_OPTION_KEYS
+    assert set(flat) == LEGACY_OPTION_KEYS | {"loader_workers"}  # newer, and free to change on resume
     assert (flat["lr"], flat["alpha"], flat["area_mode"], flat["num_workers"]) == (3e-4, 0.35, "image", 4)
     assert TrainOptions.from_settings(**flat) == o
     with pytest.raises(TypeError, match="unexpected keyword argument 'alhpa'"):
@@ -141,3 +141,19 @@ def test_worker_plan_is_typed_frozen_and_pickles():
     assert [f.name for f in fields(again)][:2] == ["train", "train_index"]
     with pytest.raises(AttributeError):
         plan.image_size = 32
+
+
+def test_loader_workers_option_resolves_from_the_cpu_allotment_and_is_checked():
+    from pipeline.train.options import check_options, resolve_loader_workers
+
+    assert resolve_loader_workers(TrainOptions.from_settings(**PLACES)) == 0  # 1 CPU a worker: in a thread
+    assert resolve_loader_workers(TrainOptions.from_settings(**PLACES, cpus_per_worker=8, use_gpu=True)) == 7
+    assert resolve_loader_workers(TrainOptions.from_settings(**PLACES, cpus_per_worker=8)) == 2
+    assert resolve_loader_workers(TrainOptions.from_settings(**PLACES, cpus_per_worker=8, loader_workers="3")) == 3
+    with pytest.raises(ValueError, match="--loader-workers must be 'auto' or a number of processes >= 0, got 'many'"):
+        check_options(TrainOptions.from_settings(**PLACES, loader_workers="many"))
+    with pytest.raises(ValueError, match="--cpus-per-worker must be positive"):
+        check_options(TrainOptions.from_settings(**PLACES, cpus_per_worker=0))
+    # Not part of the run record: a resumed run may change it.
+    assert default_run_name(TrainOptions.from_settings(**PLACES, loader_workers=4)) == default_run_name(
+        TrainOptions.from_settings(**PLACES))
