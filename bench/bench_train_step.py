@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from pipeline.datasets.synthetic import write_synthetic_shards  # noqa: E402
-from pipeline.train.data import index_split, resolve_loader_workers, train_batches  # noqa: E402
+from pipeline.train.data import index_split  # noqa: E402
+from pipeline.train.loader import TrainLoader, auto_loader_workers  # noqa: E402
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402
 
 SHARD_SIZE = 512
@@ -91,34 +92,25 @@ def in_process(args, device: torch.device, shards: str, steps: int, workers: int
     optimizer = build_optimizer(model, cfg)
     index = index_split(shards, "train")
     per_epoch = max(1, index.total // args.batch_size)
-
-    def epoch(e: int, n: int) -> dict:
-        batches = train_batches(index, rank=0, world=1, epoch=e, seed=0, batch_size=args.batch_size, steps=n,
-                                image_size=args.image_size, buffer_size=min(1000, index.total),
-                                loader_workers=workers)
-        try:
-            m = train_epoch(model, batches, optimizer, cfg, e, per_epoch, device)
-        finally:
-            close = getattr(batches, "close", None)
-            if close:
-                close()
-        _sync(device)
-        return m
-
-    epoch(0, min(per_epoch, 3))  # warm-up: loader start, kernels
     images = seconds = waited = 0.0
-    e = 1
-    while images < steps * args.batch_size:
-        m = epoch(e, min(per_epoch, steps))
-        images += m["images"]
-        seconds += m["seconds"]
-        waited += m.get("input_wait", 0.0) * m["seconds"]
-        e += 1
-    return {"img_s": images / seconds, "input_wait_share": waited / seconds, "epochs": e - 1, "how": "in-process"}
+    e = 0
+    # One loader for the run, as a Ray Train worker keeps one: its processes start once.
+    with TrainLoader(index, rank=0, world=1, seed=0, batch_size=args.batch_size, image_size=args.image_size,
+                     buffer_size=min(1000, index.total), workers=workers) as loader:
+        train_epoch(model, loader.epoch(0, min(per_epoch, 3)), optimizer, cfg, 0, per_epoch, device)  # warm-up
+        while images < steps * args.batch_size:
+            e += 1
+            m = train_epoch(model, loader.epoch(e, min(per_epoch, steps)), optimizer, cfg, e, per_epoch, device)
+            _sync(device)
+            images += m["images"]
+            seconds += m["seconds"]
+            waited += m["input_wait"] * m["seconds"]
+    return {"img_s": images / seconds, "input_wait_share": waited / seconds, "epochs": e, "how": "in-process"}
 
 
 def with_ray(args, shards: str, workdir: str, workers: int) -> dict:
-    """The Ray Train job, 1 worker: img/s of the epochs after the first, from its metrics."""
+    """The Ray Train job, 1 worker: img/s of the epochs after the first, from its metrics
+    (which time the training steps only; each epoch's validation runs on a small split)."""
     from pipeline.local_ray import start_local_ray
     from pipeline.train.job import run_training
     from pipeline.train.options import TrainOptions
@@ -127,18 +119,23 @@ def with_ray(args, shards: str, workdir: str, workers: int) -> dict:
     per_epoch = max(1, args.images // args.batch_size)
     epochs = 2 + max(1, round(args.seconds * args.rate_hint / args.images)) if args.rate_hint else 3
     options = TrainOptions.from_settings(
-        train_shards=shards, val_shards=shards, output=f"{workdir}/out.safetensors", storage_path=f"{workdir}/runs",
+        train_shards=shards, val_shards=write_shards(f"{workdir}/val", min(256, args.images), args.image_size), output=f"{workdir}/out.safetensors", storage_path=f"{workdir}/runs",
         name=f"bench-step-{int(time.time())}", model=args.model, model_kwargs=model_kwargs(args), epochs=epochs,
         batch_size=args.batch_size, lr=1e-4, precision=args.precision, num_workers=1,
         use_gpu=args.device == "cuda", cpus_per_worker=cores, loader_workers=workers, verbose=False,
         recipe="demo",
     )
-    with start_local_ray(num_cpus=cores, num_gpus=1 if args.device == "cuda" else 0):
+    import ray
+
+    start_local_ray(num_cpus=cores, num_gpus=1 if args.device == "cuda" else 0, _temp_dir=f"{workdir}/ray")
+    try:
         result = run_training(options)
+    finally:
+        ray.shutdown()
     history = result["history"][1:] or result["history"]
     images = sum(h["images"] for h in history)
     seconds = sum(h["seconds"] for h in history)
-    waited = sum(h.get("input_wait", 0.0) * h["seconds"] for h in history)
+    waited = sum(h["input_wait"] * h["seconds"] for h in history)
     return {"img_s": images / seconds, "input_wait_share": waited / seconds, "epochs": len(history),
             "steps_per_epoch": per_epoch, "how": "ray train, 1 worker"}
 
@@ -152,7 +149,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--images", type=int, default=512, help="images in the synthetic shards (read again each epoch)")
     ap.add_argument("--seconds", type=float, default=10, help="about how long the real path is measured")
-    ap.add_argument("--loader-workers", default="auto", help="DataLoader processes: auto (all cores) or a number")
+    ap.add_argument("--loader-workers", default="auto",
+                    help="DataLoader processes: auto (the train job's rule for a worker with every core) or a number")
     ap.add_argument("--ray", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
@@ -167,7 +165,8 @@ def main() -> None:
         except ImportError:
             use_ray = False
     cores = os.cpu_count() or 1
-    workers = cores if args.loader_workers == "auto" else int(args.loader_workers)
+    workers = (auto_loader_workers(cores, args.device == "cuda") if args.loader_workers == "auto"
+               else int(args.loader_workers))
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.precision} on {device}{gpu}; "
           f"{cores} cores, {workers} loader processes; torch {torch.__version__}", flush=True)

@@ -49,13 +49,13 @@ if [[ $SMOKE == 1 ]]; then
     LIMIT_B=60; LIMIT_C=60; LIMIT_D=60
 else
     DEVICE=cuda
-    CUDA_TESTS_LIMIT=150
+    CUDA_TESTS_LIMIT=90
     FORWARD=(--device cuda --only model --batch 256 --rounds 10 --precisions bf16)
     LOCALIZE=(--model sat_deit_small_patch16_224 --device cuda --decode both --precision bf16 --batch-size 256
               --imagenet-like --alone-images 6000 --per-shard 64 --worker-only)
     TRAIN=(--device cuda --model sat_deit_small_patch16_224 --image-size 224 --batch-size 256 --images 8192
-           --seconds 120 --loader-workers auto --precision bf16 --ray auto)
-    LIMIT_B=90; LIMIT_C=150; LIMIT_D=240
+           --seconds 100 --loader-workers auto --precision bf16 --ray auto)
+    LIMIT_B=60; LIMIT_C=150; LIMIT_D=180  # 8 minutes at most, all four
 fi
 
 say() { echo "[gpu_check] $*"; }
