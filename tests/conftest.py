@@ -42,3 +42,30 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="cuda: needs a CUDA GPU, none on this machine (torch.cuda.is_available() is False)")
     for item in cuda_tests:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def no_s3_credentials(monkeypatch):
+    """``no_s3_credentials(endpoint)``: S3 at ``endpoint`` but no credentials anywhere boto3
+    looks (variables, files, instance metadata), for one test."""
+    import os
+
+    def apply(endpoint: str) -> None:
+        for name in [n for n in os.environ if n.startswith("AWS_") and n != "AWS_CA_BUNDLE"]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    return apply
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -345,18 +345,11 @@ def sweep_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray = PERC
     ``scores``: (n, H, W) float32 in [0, 1] (``score_maps``); ``gt_eval``: (n, G, 4) boxes
     on the same grid (``gt_boxes_to_eval``); ``taus`` strictly increasing.
     """
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
-    taus = np.asarray(taus, dtype=np.float64)
-    if taus.ndim != 1 or len(taus) == 0 or np.any(np.diff(taus) <= 0):
-        raise ValueError("taus must be a non-empty, strictly increasing 1-D array")
+    scores, taus = _sweep_inputs(scores, gt_eval, taus, increasing=True, maps_from="score_maps")
     n, h, w = scores.shape
     n_taus = len(taus)
     if n == 0:
-        return BoxSweep(taus, np.zeros((0, n_taus), np.float32), np.zeros((0, n_taus), np.float32))
-    if gt_eval.shape[0] != n:
-        raise ValueError(f"{n} score maps but GT boxes for {gt_eval.shape[0]} images")
-    if scores.min() < 0 or scores.max() > 1:
-        raise ValueError("scores must lie in [0, 1] (use score_maps)")
+        return _empty_sweep(taus)
     whole_iou = box_iou(np.array([0.0, 0.0, w, h]), gt_eval).max(axis=-1)
     levels = quantise(scores, taus)  # foreground at taus[k] (score > tau): level > k
     largest, best = component_tree.satloc_sweep(levels, n_taus, np.asarray(gt_eval, dtype=np.float64), whole_iou)
@@ -373,19 +366,29 @@ def sweep_wsol_boxes(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray =
     is the IoU of the largest contour's box (MaxBoxAcc), ``best_iou`` the best over every
     contour's box (MaxBoxAccV2); each the best over GT boxes.
     """
+    scores, taus = _sweep_inputs(scores, gt_eval, taus, increasing=False, maps_from="wsol_score_maps")
+    if len(scores) == 0:
+        return _empty_sweep(taus)
+    return _sweep_levels(quantised(scores), gt_eval, taus)
+
+
+def _sweep_inputs(scores: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray, *, increasing: bool,
+                  maps_from: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both sweeps' inputs checked: (scores as C-contiguous float32, taus as float64)."""
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     taus = np.asarray(taus, dtype=np.float64)
-    if taus.ndim != 1 or len(taus) == 0:
-        raise ValueError("taus must be a non-empty 1-D array")
-    n, h, w = scores.shape
-    n_taus = len(taus)
-    if n == 0:
-        return BoxSweep(taus, np.zeros((0, n_taus), np.float32), np.zeros((0, n_taus), np.float32))
-    if gt_eval.shape[0] != n:
+    if taus.ndim != 1 or len(taus) == 0 or (increasing and np.any(np.diff(taus) <= 0)):
+        raise ValueError(f"taus must be a non-empty{', strictly increasing' if increasing else ''} 1-D array")
+    n = scores.shape[0]
+    if n and gt_eval.shape[0] != n:
         raise ValueError(f"{n} score maps but GT boxes for {gt_eval.shape[0]} images")
-    if not (scores.min() >= 0 and scores.max() <= 1):
-        raise ValueError("scores must lie in [0, 1] (use wsol_score_maps)")
-    return _sweep_levels(quantised(scores), gt_eval, taus)
+    if n and not (scores.min() >= 0 and scores.max() <= 1):  # NaN fails this too
+        raise ValueError(f"scores must lie in [0, 1] (use {maps_from})")
+    return scores, taus
+
+
+def _empty_sweep(taus: np.ndarray) -> BoxSweep:
+    return BoxSweep(taus, np.zeros((0, len(taus)), np.float32), np.zeros((0, len(taus)), np.float32))
 
 
 def _sweep_levels(q: np.ndarray, gt_eval: np.ndarray, taus: np.ndarray) -> BoxSweep:

@@ -23,6 +23,7 @@ single atomic write: the file's existence means the shard is done.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -79,24 +80,9 @@ def prepared_samples(
     A reader thread streams the tar and submits decode work; errors reading the shard
     (missing, not a tar, network) are raised here, in the consumer.
     """
-    pending = Handoff(max_pending)
-
-    def read() -> None:
-        try:
-            for raw in read_samples(url, decode=False):
-                if not pending.put(pool.submit(prepare_sample, raw, size, resize_crop)):
-                    return
-            pending.finish()
-        except BaseException as e:  # handed to the consumer, which raises it
-            pending.fail(e)
-
-    reader = threading.Thread(target=read, name=f"read {url}", daemon=True)
-    reader.start()
-    try:
-        for future in pending.items():
-            yield future.result()
-    finally:
-        pending.close(reader, timeout=30)
+    submitted = (pool.submit(prepare_sample, raw, size, resize_crop) for raw in read_samples(url, decode=False))
+    for future in read_ahead(url, submitted, max_pending):
+        yield future.result()
 
 
 def batch_prepared_samples(
@@ -105,19 +91,27 @@ def batch_prepared_samples(
 ) -> Iterator[Prepared]:
     """Samples of ``url`` in shard order, decoded ``chunk_size`` at a time by ``decoder`` in
     ``device_pool`` (one thread), CPU fallbacks in ``pool``, at most ``max_chunks`` ahead."""
-    pending = Handoff(max_chunks)
+
+    def submitted() -> Iterator[Future]:
+        samples = read_samples(url, decode=False)
+        while chunk := list(itertools.islice(samples, chunk_size)):
+            yield device_pool.submit(decoder.decode_chunk, chunk, pool.submit)
+
+    for chunk_future in read_ahead(url, submitted(), max_chunks):
+        for item in chunk_future.result():
+            yield item.result() if isinstance(item, Future) else item
+
+
+def read_ahead(url: str, futures: Iterator[Future], max_pending: int) -> Iterator[Future]:
+    """``futures`` (which read the shard ``url``) advanced in a reader thread, at most
+    ``max_pending`` ahead, in order; an error reading the shard is raised here, in the consumer."""
+    pending = Handoff(max_pending)
 
     def read() -> None:
         try:
-            chunk: list[Sample] = []
-            for raw in read_samples(url, decode=False):
-                chunk.append(raw)
-                if len(chunk) == chunk_size:
-                    if not pending.put(device_pool.submit(decoder.decode_chunk, chunk, pool.submit)):
-                        return
-                    chunk = []
-            if chunk and not pending.put(device_pool.submit(decoder.decode_chunk, chunk, pool.submit)):
-                return
+            for future in futures:
+                if not pending.put(future):
+                    return
             pending.finish()
         except BaseException as e:  # handed to the consumer, which raises it
             pending.fail(e)
@@ -125,9 +119,7 @@ def batch_prepared_samples(
     reader = threading.Thread(target=read, name=f"read {url}", daemon=True)
     reader.start()
     try:
-        for chunk_future in pending.items():
-            for item in chunk_future.result():
-                yield item.result() if isinstance(item, Future) else item
+        yield from pending.items()
     finally:
         pending.close(reader, timeout=30)
 

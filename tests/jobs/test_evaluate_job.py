@@ -362,22 +362,15 @@ def test_gt_shards_with_one_shard_name_twice_are_ambiguous(tmp_path):
 # --- issue 14 (7): S3 without credentials or endpoint: clear errors, exit 2 ---------------------
 
 
-def test_s3_predictions_without_credentials_or_endpoint_are_clear_errors(tmp_path, monkeypatch):
-    import socket
+def test_s3_predictions_without_credentials_or_endpoint_are_clear_errors(tmp_path, monkeypatch, no_s3_credentials,
+                                                                        closed_port):
     import time
 
     from pipeline.data.storage import StorageError
     from pipeline.evaluation.pseudo_boxes import export_pseudo_boxes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
-    for name in [n for n in os.environ if n.startswith("AWS_") and n != "AWS_CA_BUNDLE"]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    no_s3_credentials(endpoint)
     no_keys = "no S3 credentials for bucket 'satloc' .* set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     with pytest.raises(StorageError, match=no_keys):
         evaluate_run("s3://satloc/out/run1")

@@ -172,35 +172,16 @@ def test_a_run_directory_that_cannot_take_files_is_refused_before_ray(micro_inpu
     assert (out / "r1").read_text().startswith("a file")
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def no_s3_credentials(monkeypatch, endpoint: str) -> None:
-    """An S3 endpoint but no credentials anywhere boto3 looks."""
-    import os
-
-    for name in [n for n in os.environ if n.startswith("AWS_") and n != "AWS_CA_BUNDLE"]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def test_s3_without_credentials_or_endpoint_is_named_before_ray(micro_inputs, tmp_path, monkeypatch, no_ray):
+def test_s3_without_credentials_or_endpoint_is_named_before_ray(micro_inputs, tmp_path, monkeypatch, no_ray,
+                                                                no_s3_credentials, closed_port):
     import time
 
     from pipeline.localize.run import run_localize
 
     checkpoint = tmp_path / "m.safetensors"
     checkpoint.write_bytes(micro_inputs["checkpoint"])
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
-    no_s3_credentials(monkeypatch, endpoint)
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    no_s3_credentials(endpoint)
     config = LocalizeConfig(shards="s3://satloc/wds/val-{000000..000003}.tar", checkpoint=str(checkpoint),
                             output=str(tmp_path / "out"))
     with pytest.raises(BadInputError, match="no S3 credentials for bucket 'satloc' .* set AWS_ACCESS_KEY_ID and "
