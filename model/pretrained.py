@@ -106,7 +106,9 @@ def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module, report: Pretr
     head = state_dict.get("head.weight")
     conv_head = head is not None and head.ndim == 4  # official SAT: head is the conv itself
     out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
+    # In name order: a safetensors file's tensor order varies between reads, and the first
+    # tensor that does not fit is the one the error names.
+    for key, value in sorted(state_dict.items()):
         key = SAT_RENAMES.get(key, key)
         if conv_head and key in ("head.weight", "head.bias"):
             key = key.replace("head.", "head.conv.")
