@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from pipeline.local_ray import start_local_ray  # noqa: E402
 from pipeline.datasets.synthetic import write_synthetic_shards  # noqa: E402
-from pipeline.train.data import index_split, train_batches  # noqa: E402
+from pipeline.train.data import index_split  # noqa: E402
+from pipeline.train.loader import train_batches  # noqa: E402
 from pipeline.train.job import run_training  # noqa: E402
 from pipeline.train.options import TrainOptions  # noqa: E402
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch  # noqa: E402

@@ -4,7 +4,7 @@ Prints (never pass/fail), same model, batch, precision and device:
 - the bare step: ``pipeline.train.loop.train_epoch`` over one uint8 batch already on the
   device, repeated (forward, loss, backward, optimizer; no input work at all): img/s;
 - the real path: synthetic shards of ``--image-size`` px JPEGs, read, decoded and augmented
-  by the training input (``pipeline.train.data.train_batches`` with ``--loader-workers``
+  by the training input (``pipeline.train.loader.TrainLoader`` with ``--loader-workers``
   DataLoader processes), then the same ``train_epoch``: img/s and the share of step time
   spent waiting for input, measured over ``--seconds`` after a warm-up epoch;
 - the ratio (goal on one GPU with 16 cores: >= 0.9).

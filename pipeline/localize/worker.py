@@ -23,13 +23,12 @@ single atomic write: the file's existence means the shard is done.
 """
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -92,12 +91,9 @@ def batch_prepared_samples(
     """Samples of ``url`` in shard order, decoded ``chunk_size`` at a time by ``decoder`` in
     ``device_pool`` (one thread), CPU fallbacks in ``pool``, at most ``max_chunks`` ahead."""
 
-    def submitted() -> Iterator[Future]:
-        samples = read_samples(url, decode=False)
-        while chunk := list(itertools.islice(samples, chunk_size)):
-            yield device_pool.submit(decoder.decode_chunk, chunk, pool.submit)
-
-    for chunk_future in read_ahead(url, submitted(), max_chunks):
+    submitted = (device_pool.submit(decoder.decode_chunk, chunk, pool.submit)
+                 for chunk in batches(read_samples(url, decode=False), chunk_size))
+    for chunk_future in read_ahead(url, submitted, max_chunks):
         for item in chunk_future.result():
             yield item.result() if isinstance(item, Future) else item
 

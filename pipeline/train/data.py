@@ -309,30 +309,6 @@ def _epoch_rng(kind: str, seed: int, epoch: int, rank: int, rep: int) -> random.
     return random.Random(f"{kind}-{seed}-{epoch}-{rank}-{rep}")
 
 
-def train_batches(
-    index: SplitIndex,
-    *,
-    rank: int,
-    world: int,
-    epoch: int,
-    seed: int,
-    batch_size: int,
-    steps: int,
-    image_size: int,
-    buffer_size: int = 1000,
-    prefetch: int = 2,
-    loader_workers: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``steps`` augmented (uint8 B x 3 x S x S, int64 B) batches for this worker,
-    decoded in ``loader_workers`` processes (0: one background thread). A whole run keeps
-    one ``pipeline.train.loader.TrainLoader`` instead, so its processes start once."""
-    from pipeline.train.loader import train_batches as loader_batches  # it builds on this module
-
-    return loader_batches(index, rank=rank, world=world, epoch=epoch, seed=seed, batch_size=batch_size,
-                          steps=steps, image_size=image_size, buffer_size=buffer_size, prefetch=prefetch,
-                          loader_workers=loader_workers)
-
-
 @dataclass
 class ValBatch:
     images: torch.Tensor  # uint8 B x 3 x S x S

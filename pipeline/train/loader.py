@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from pipeline.data.batches import batches
 from pipeline.data.preprocess import train_transform
 from pipeline.data.reader import Sample, decode_sample
 from pipeline.train.data import (
@@ -222,17 +223,6 @@ def raw_samples(index: SplitIndex, *, rank: int, world: int, epoch: int, seed: i
         rep += 1
 
 
-def chunked(items: Iterator, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def full_batches(decode: Callable[[int], Iterator[DecodedChunk]], chunk_size: int, batch_size: int, steps: int,
                  skipped: SkipCounter, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly ``steps`` batches of ``batch_size``; ``decode(n)`` gives the next ``n`` decoded
@@ -328,7 +318,7 @@ class TrainLoader:
         self.skipped = SkipCounter()
         self._raw = raw_samples(self.index, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed,
                                 buffer_size=self.buffer_size)  # closed by the next epoch or close()
-        chunks = (pack_chunk(c) for c in chunked(self._raw, self.chunk_size))
+        chunks = (pack_chunk(c) for c in batches(self._raw, self.chunk_size))
 
         def decode(n: int) -> Iterator[DecodedChunk]:
             """The next ``n`` chunks, decoded; one round of reading and decoding."""

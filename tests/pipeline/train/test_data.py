@@ -21,10 +21,10 @@ from pipeline.train.data import (
     index_split,
     share_samples,
     shuffle_buffer,
-    train_batches,
     val_batches,
     worker_share,
 )
+from pipeline.train.loader import train_batches
 from pipeline.evaluation.threshold import LocCounts, choose_threshold, count_hits, tau_grid
 
 NUM_CLASSES = 4

@@ -16,8 +16,8 @@ from PIL import Image
 
 from pipeline.datasets.synthetic import write_synthetic_shards
 from pipeline.datasets.webdataset_writer import ShardWriter
-from pipeline.train.data import TrainDataError, index_split, train_batches
-from pipeline.train.loader import TrainLoader, auto_loader_workers, parse_loader_workers
+from pipeline.train.data import TrainDataError, index_split
+from pipeline.train.loader import TrainLoader, auto_loader_workers, parse_loader_workers, train_batches
 from pipeline.train.loop import TrainConfig, build_model, build_optimizer, train_epoch
 from pipeline.train.worker import format_metrics, reduce_train_metrics
 
