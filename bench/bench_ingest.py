@@ -9,8 +9,12 @@ and grain, about 60-100 KB each) in WebDataset shards on local disk.
   process can do at best.
 - **Loader, N processes**: ``TrainLoader(workers=N)`` for one Ray Train worker, batches of
   ``--batch-size`` (uint8, 224 px), everything a training step gets: reading and shuffling
-  in the main process, chunks to the processes, decoding there, batches back in order.
-  Its processes start in a warm-up epoch, which is not timed (a run starts them once).
+  in the main process, chunks to the processes (in reusable shared-memory slots), decoding
+  there, batches back in order. Its processes start in a warm-up epoch, which is not timed
+  (a run starts them once). The timed epoch makes ``--passes`` passes over the images (the
+  loader's stream reshuffles and goes on), so the figure is the steady rate a real epoch
+  of 10^5 images runs at; the epoch's start (the shuffle buffer filling, the first chunk
+  decoding while nothing comes out) is printed on its own, as the wait for the first batch.
 
 Printed: img/s of each; per process, the loader's img/s / N / limit (target >= 0.85);
 and 2 processes / 1 process (target >= 1.8x on 2 cores). The limit is measured before
@@ -20,7 +24,7 @@ so drifting load on a shared machine shows as a spread, not a bias. CPU time per
 with the load, and says where the overhead is. No time fails anything: these are figures
 to read.
 
-    python bench/bench_ingest.py [--images 768] [--batch-size 32] [--rounds 2]
+    python bench/bench_ingest.py [--images 768] [--batch-size 32] [--rounds 2] [--passes 4]
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,20 +106,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loader_rate(index, workers: int, batch_size: int, steps: int) -> tuple[float, float, float]:
-    """Train batches through the loader with ``workers`` processes, after a warm-up epoch:
-    (img/s, the main process's CPU ms an image, the loader processes' CPU ms an image)."""
+class LoaderRun(NamedTuple):
+    rate: float  # img/s after the first batch
+    first_batch_s: float  # the epoch's start: wait for its first batch
+    main_cpu: float  # CPU ms an image, the main process
+    loaders_cpu: float  # CPU ms an image, the loader processes together
+    in_slots: str  # chunks whose bytes travelled in a shared-memory slot, of all
+
+
+def loader_rate(index, workers: int, batch_size: int, steps: int) -> LoaderRun:
+    """Train batches through the loader with ``workers`` processes, after a warm-up epoch.
+    The rate counts from the first batch on (its wait is ``first_batch_s``)."""
     with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
                      workers=workers) as loader:
         for _ in loader.epoch(0, 2):  # starts the processes
             pass
         pids = loader.loader_pids()
+        start = time.perf_counter()
+        batches = loader.epoch(1, steps)
+        next(batches)
+        first = time.perf_counter()
         before = [cpu_seconds(p) for p in pids]
-        start, cpu = time.perf_counter(), time.process_time()
-        got = sum(len(labels) for _, labels in loader.epoch(1, steps))
-        rate, main_cpu = got / (time.perf_counter() - start), (time.process_time() - cpu) / got * 1000
+        cpu = time.process_time()
+        got = sum(len(labels) for _, labels in batches)
+        end = time.perf_counter()
+        main_cpu = (time.process_time() - cpu) / got * 1000
         loaders_cpu = sum(cpu_seconds(p) - b for p, b in zip(pids, before)) / got * 1000
-        return rate, main_cpu, loaders_cpu
+        in_slots = "{}/{}".format(*loader.chunks_in_slots()) if loader.slots is not None else "no slots"
+        return LoaderRun(got / (end - first), first - start, main_cpu, loaders_cpu, in_slots)
 
 
 def main() -> None:
@@ -122,7 +141,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=768)
     p.add_argument("--per-shard", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="loader runs per process count (the best is kept)")
+    p.add_argument("--rounds", type=int, default=2, help="loader runs per process count (averaged)")
+    p.add_argument("--passes", type=int, default=4,
+                   help="passes over the images in the timed epoch (1: a short epoch, its start weighs more)")
     args = p.parse_args()
     torch.set_num_threads(1)  # as in a loader process (DataLoader sets 1)
     load = os.getloadavg()
@@ -135,20 +156,22 @@ def main() -> None:
         t = time.perf_counter()
         spec, kb = write_shards(root, args.images, args.per_shard)
         index = index_split(spec, "train")
-        steps = index.total // args.batch_size
+        steps = index.total * args.passes // args.batch_size
         print(f"{index.total} JPEGs {WIDTH}x{HEIGHT} q{QUALITY}, mean {kb:.0f} KB, in {len(index.urls)} shards "
-              f"(written in {time.perf_counter() - t:.0f} s); {SIZE} px, batch {args.batch_size}, {steps} steps",
+              f"(written in {time.perf_counter() - t:.0f} s); {SIZE} px, batch {args.batch_size}, timed epoch of {steps} steps ({args.passes} passes)",
               flush=True)
         limits = [limit(index.urls)]
         print(f"limit (plain loop, 1 process): {limits[0][0]:.1f} img/s, {limits[0][1]:.2f} CPU ms/img", flush=True)
         rates, cpu = {}, {}
         for workers in (1, 2):
             runs = [loader_rate(index, workers, args.batch_size, steps) for _ in range(args.rounds)]
-            rates[workers] = float(np.mean([r[0] for r in runs]))
-            cpu[workers] = (float(np.mean([r[1] for r in runs])), float(np.mean([r[2] for r in runs])))
+            rates[workers] = float(np.mean([r.rate for r in runs]))
+            cpu[workers] = (float(np.mean([r.main_cpu for r in runs])), float(np.mean([r.loaders_cpu for r in runs])))
             print(f"loader, {workers} process(es): {rates[workers]:.1f} img/s (runs: "
-                  f"{', '.join(f'{r[0]:.1f}' for r in runs)}); CPU ms/img: main process {cpu[workers][0]:.2f}, "
-                  f"loader processes {cpu[workers][1]:.2f}", flush=True)
+                  f"{', '.join(f'{r.rate:.1f}' for r in runs)}); CPU ms/img: main process {cpu[workers][0]:.2f}, "
+                  f"loader processes {cpu[workers][1]:.2f}; first batch after "
+                  f"{np.mean([r.first_batch_s for r in runs]) * 1000:.0f} ms; chunks in slots "
+                  f"{', '.join(r.in_slots for r in runs)}", flush=True)
         limits.append(limit(index.urls))
         ref, ref_cpu = float(np.mean([x[0] for x in limits])), float(np.mean([x[1] for x in limits]))
         print(f"limit again: {limits[1][0]:.1f} img/s; reference (mean) {ref:.1f} img/s, {ref_cpu:.2f} CPU ms/img")

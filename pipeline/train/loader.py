@@ -8,9 +8,10 @@ processes -> exactly ``steps`` augmented batches per epoch (docs/architecture.md
   samples, each sample carrying its own augmentation seed.
 - **N loader processes decode and augment.** A torch ``DataLoader`` whose "indices" are
   those chunks sends each chunk to one of N worker processes, which decode the JPEGs and
-  run ``train_transform``; results come back in order (shared memory), so the batches do
-  not depend on N. N = 0 runs the same chunk function in one background thread (the old
-  path).
+  run ``train_transform``; results come back in order, so the batches do not depend on N.
+  A chunk's bytes and its images travel in reused shared-memory slots (``ChunkSlots``),
+  not through the DataLoader's pipe and fresh segments. N = 0 runs the same chunk
+  function in one background thread (the old path).
 - **Deterministic per sample.** The augmentation RNG of a sample is seeded from (seed,
   epoch, rank, pass, position in the pass), not drawn from one sequential RNG, so an
   epoch's batches are identical for every N and in an uninterrupted and a resumed run.
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -50,6 +53,10 @@ from pipeline.train.data import (
 AUTO = "auto"
 # Chunks queued ahead per loader process (the DataLoader's prefetch_factor).
 CHUNKS_AHEAD = 2
+# A slot's input buffer holds a chunk of JPEGs up to this size per image on average
+# (ImageNet's mean is about 110 KB); a larger chunk travels through the pipe instead.
+SLOT_INPUT_BYTES_PER_IMAGE = 192 * 1024
+SHARED_MEMORY = "/dev/shm"
 
 
 # --- how many processes ----------------------------------------------------------------
@@ -97,23 +104,34 @@ class RawSample(NamedTuple):
 
 
 class RawChunk(NamedTuple):
-    """A chunk of raw samples as it travels to a process: the image bytes back to back in
-    one ``bytes`` (pickled through the DataLoader's pipe: cheaper here than a shared-memory
-    segment per chunk, bench/bench_ingest.py)."""
+    """A chunk of raw samples as it travels to a process. Its image bytes lie back to back
+    in its slot's input buffer (``slot`` >= 0, ``data`` empty), or, when no slot is free or
+    they do not fit, in ``data``, pickled through the DataLoader's pipe."""
 
     data: bytes
-    ends: list[int]  # where each sample's bytes end in ``data``
+    ends: list[int]  # where each sample's bytes end, in ``data`` or the slot's input
     labels: list[int]
     reps: list[int]
     seeds: list[str]
     unreadable: int  # unreadable samples of the shards read before the chunk's ones
+    slot: int = -1  # its shared-memory slot (ChunkSlots), -1 for none
+    in_slot: bool = False  # whether its bytes are in the slot's input buffer
+    ticket: int = -1  # its number among the chunks handed out with a slot
 
 
-def pack_chunk(samples: list[RawSample]) -> RawChunk:
-    return RawChunk(b"".join(s.image_bytes for s in samples),
-                    np.cumsum([len(s.image_bytes) for s in samples]).tolist(),
-                    [s.label for s in samples], [s.rep for s in samples], [s.seed for s in samples],
-                    sum(s.unreadable_before for s in samples))
+def pack_chunk(samples: list[RawSample], slot: int = -1, inputs: torch.Tensor | None = None,
+               ticket: int = -1) -> RawChunk:
+    """A chunk of ``samples``; with a ``slot``, its bytes go into ``inputs[slot]`` if they fit."""
+    ends = np.cumsum([len(s.image_bytes) for s in samples]).tolist()
+    meta = ([s.label for s in samples], [s.rep for s in samples], [s.seed for s in samples],
+            sum(s.unreadable_before for s in samples))
+    if slot >= 0 and inputs is not None and ends and ends[-1] <= inputs.shape[1]:
+        buffer, start = inputs[slot].numpy(), 0
+        for s, end in zip(samples, ends):
+            buffer[start:end] = np.frombuffer(s.image_bytes, np.uint8)
+            start = end
+        return RawChunk(b"", ends, *meta, slot=slot, in_slot=True, ticket=ticket)
+    return RawChunk(b"".join(s.image_bytes for s in samples), ends, *meta, slot=slot, ticket=ticket)
 
 
 class DecodedChunk(NamedTuple):
@@ -122,11 +140,15 @@ class DecodedChunk(NamedTuple):
     reps: list[int]  # the pass of every sample of the chunk, decoded or not, in order
     decoded: list[bool]  # whether it decoded
     unreadable: int  # samples of the shards skipped before the chunk's ones (read errors)
+    slot: int = -1  # >= 0: the images are in that slot's output buffer, ``images`` is empty
 
 
-def augment_chunk(chunk: RawChunk, image_size: int) -> DecodedChunk:
-    """Decode and augment a chunk (in a loader process, or the prefetch thread)."""
-    data = memoryview(chunk.data)
+def augment_chunk(chunk: RawChunk, image_size: int, slots: "ChunkSlots | None" = None) -> DecodedChunk:
+    """Decode and augment a chunk (in a loader process, or the prefetch thread). A chunk
+    with a slot is read from and written into that slot's buffers."""
+    has_slot = slots is not None and chunk.slot >= 0
+    data = memoryview(slots.inputs[chunk.slot].numpy() if has_slot and chunk.in_slot else chunk.data)
+    out = slots.outputs[chunk.slot] if has_slot else None
     images, labels, decoded = [], [], []
     start = 0
     for end, label, seed in zip(chunk.ends, chunk.labels, chunk.seeds):
@@ -134,37 +156,102 @@ def augment_chunk(chunk: RawChunk, image_size: int) -> DecodedChunk:
         start = end
         decoded.append(sample.error is None)
         if sample.error is None:
-            images.append(train_transform(sample.image, image_size, random.Random(seed)))
+            image = train_transform(sample.image, image_size, random.Random(seed))
+            if out is not None:
+                out[len(labels)].copy_(image)
+            else:
+                images.append(image)
             labels.append(label)
+    if out is not None:
+        slots.finished[chunk.slot] = chunk.ticket  # after the last write into the slot
+        return DecodedChunk(torch.empty(0, dtype=torch.uint8), labels, chunk.reps, decoded, chunk.unreadable, chunk.slot)
     if not images:
-        out = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+        stacked = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
     elif get_worker_info() is not None:  # in a process: stacked straight into shared memory, as
         first = images[0]                 # torch's default_collate does, so nothing is copied on the way back
         storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
-        out = torch.stack(images, out=first.new(storage).resize_(len(images), *first.shape))
+        stacked = torch.stack(images, out=first.new(storage).resize_(len(images), *first.shape))
     else:
-        out = torch.stack(images)
-    return DecodedChunk(out, labels, chunk.reps, decoded, chunk.unreadable)
+        stacked = torch.stack(images)
+    return DecodedChunk(stacked, labels, chunk.reps, decoded, chunk.unreadable)
+
+
+class ChunkSlots:
+    """Shared-memory buffers a chunk travels in, reused chunk after chunk: slot ``i`` has an
+    input (the chunk's JPEG bytes, ``input_bytes`` at most) and an output (its images).
+
+    Why: a fresh shared-memory segment per batch costs a page fault on every page of it, and
+    a chunk's bytes through the DataLoader's pipe cost dozens of 64 KiB round trips between
+    the processes: together about 0.1 ms of CPU per image, 4% of decoding one
+    (bench/bench_ingest.py). The loader processes receive the buffers once, when they start.
+
+    Which slot is whose is the main process's bookkeeping. A chunk takes a slot when it is
+    handed to the DataLoader (``acquire``) and gives it back once the main process has
+    copied its images out (``release``), so no process writes into a slot something still
+    reads. A chunk of an abandoned round (an epoch left early) never comes back; its slot
+    is taken again only once its process has marked the chunk finished (``finished``, in
+    shared memory), so nothing late can overwrite a reused slot. When no slot is free, a
+    chunk travels the old way (pipe, fresh segment), which is always correct.
+    """
+
+    def __init__(self, count: int, chunk_size: int, image_size: int, input_bytes: int) -> None:
+        self.inputs = torch.empty((count, input_bytes), dtype=torch.uint8).share_memory_()
+        self.outputs = torch.empty((count, chunk_size, 3, image_size, image_size), dtype=torch.uint8).share_memory_()
+        self.finished = torch.full((count,), -1, dtype=torch.int64).share_memory_()  # the ticket last done there
+        self._free = list(range(count))
+        self._holder = [-1] * count  # the ticket of the chunk holding each slot
+
+    @staticmethod
+    def nbytes(count: int, chunk_size: int, image_size: int, input_bytes: int) -> int:
+        return count * (input_bytes + chunk_size * 3 * image_size * image_size)
+
+    def acquire(self, ticket: int, round_start: int) -> int:
+        """A free slot for chunk ``ticket``, or -1. Slots of chunks handed out before
+        ``round_start`` (an earlier round, which can no longer deliver them) are reclaimed
+        once their process has finished them."""
+        if not self._free:
+            self._free = [i for i, held in enumerate(self._holder)
+                          if 0 <= held < round_start and int(self.finished[i]) == held]
+        if not self._free:
+            return -1
+        slot = self._free.pop(0)
+        self._holder[slot] = ticket
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._holder[slot] = -1
+        self._free.append(slot)
+
+    def free(self) -> int:
+        return len(self._free)
+
+    def __getstate__(self) -> dict:  # to a loader process: the buffers, not the bookkeeping
+        return {"inputs": self.inputs, "outputs": self.outputs, "finished": self.finished, "_free": [],
+                "_holder": []}
 
 
 class ChunkAugmenter(Dataset):
     """A map-style dataset whose "index" is a chunk of raw samples (pickled to the process)."""
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
+    def __init__(self, image_size: int, slots: ChunkSlots | None = None) -> None:
+        self.image_size, self.slots = image_size, slots
 
     def __getitem__(self, chunk: RawChunk) -> DecodedChunk:
-        return augment_chunk(chunk, self.image_size)
+        return augment_chunk(chunk, self.image_size, self.slots)
 
 
 class ChunkSource:
     """The DataLoader's sampler: the epoch's chunks, ``budget`` at a time (iterated in the
-    main process). When the budget is spent it stops, so the DataLoader's iterator ends
-    after those chunks; the next ``iter(loader)`` goes on with a new budget."""
+    main process, when the DataLoader hands a chunk to a process: that is when a chunk
+    takes a slot and is packed). When the budget is spent it stops, so the DataLoader's
+    iterator ends after those chunks; the next ``iter(loader)`` goes on with a new budget."""
 
-    def __init__(self) -> None:
-        self.chunks: Iterator[RawChunk] = iter(())
+    def __init__(self, slots: ChunkSlots | None = None) -> None:
+        self.chunks: Iterator[list[RawSample]] = iter(())
         self.budget = 0
+        self.slots = slots
+        self.sent = self.sent_in_slots = 0  # chunks handed out; of those, bytes in a slot
+        self.round_start = 0  # ``sent`` when the current round began
 
     def __iter__(self) -> "ChunkSource":
         return self
@@ -173,7 +260,13 @@ class ChunkSource:
         if self.budget <= 0:
             raise StopIteration
         self.budget -= 1
-        return next(self.chunks)
+        samples = next(self.chunks)
+        if self.slots is None:
+            return pack_chunk(samples)
+        chunk = pack_chunk(samples, self.slots.acquire(self.sent, self.round_start), self.slots.inputs, self.sent)
+        self.sent += 1
+        self.sent_in_slots += chunk.in_slot
+        return chunk
 
 
 def _as_is(item):
@@ -301,10 +394,11 @@ class TrainLoader:
         self._raw: Iterator | None = None
         self._batches: Iterator | None = None  # the current epoch's, closed before its reader
         self._loader: DataLoader | None = None
-        self._source = ChunkSource()
+        self.slots = _chunk_slots(workers * CHUNKS_AHEAD + 1, self.chunk_size, image_size) if workers > 0 else None
+        self._source = ChunkSource(self.slots)
         if workers > 0:
             self._loader = DataLoader(
-                ChunkAugmenter(image_size), batch_size=None, sampler=self._source, num_workers=workers,
+                ChunkAugmenter(image_size, self.slots), batch_size=None, sampler=self._source, num_workers=workers,
                 collate_fn=_as_is, persistent_workers=True, prefetch_factor=CHUNKS_AHEAD,
                 multiprocessing_context=_mp_context(mp_context),
                 # Its own generator: the DataLoader draws a base seed on every epoch's reset, which
@@ -318,19 +412,33 @@ class TrainLoader:
         self.skipped = SkipCounter()
         self._raw = raw_samples(self.index, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed,
                                 buffer_size=self.buffer_size)  # closed by the next epoch or close()
-        chunks = (pack_chunk(c) for c in batches(self._raw, self.chunk_size))
+        chunks = batches(self._raw, self.chunk_size)
 
         def decode(n: int) -> Iterator[DecodedChunk]:
             """The next ``n`` chunks, decoded; one round of reading and decoding."""
             if self._loader is None:
-                decoded = (augment_chunk(c, self.image_size) for c in itertools.islice(chunks, n))
+                decoded = (augment_chunk(pack_chunk(c), self.image_size) for c in itertools.islice(chunks, n))
                 return prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
-            self._source.chunks, self._source.budget = chunks, n
-            return iter(self._loader)  # persistent processes: a reset, not a restart
+            self._source.chunks, self._source.budget, self._source.round_start = chunks, n, self._source.sent
+            return self._out_of_slots(iter(self._loader))  # persistent processes: a reset, not a restart
 
         self._batches = full_batches(decode, self.chunk_size, self.batch_size, steps, self.skipped, self.rank,
                                      self.world)
         return self._batches
+
+    def _out_of_slots(self, decoded: Iterator[DecodedChunk]) -> Iterator[DecodedChunk]:
+        """The chunks as they come back, each one's images copied out of its slot (one memcpy),
+        which frees the slot for a later chunk."""
+        for chunk in decoded:
+            if chunk.slot >= 0:
+                images = self.slots.outputs[chunk.slot][: len(chunk.labels)].clone()
+                self.slots.release(chunk.slot)
+                chunk = chunk._replace(images=images, slot=-1)
+            yield chunk
+
+    def chunks_in_slots(self) -> tuple[int, int]:
+        """(chunks whose bytes travelled in a shared-memory slot, chunks handed to processes)."""
+        return self._source.sent_in_slots, self._source.sent
 
     def loader_pids(self) -> list[int]:
         """The loader processes' ids (empty before the first epoch and after ``close``)."""
@@ -360,6 +468,25 @@ class TrainLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _chunk_slots(count: int, chunk_size: int, image_size: int) -> ChunkSlots | None:
+    """The loader's reusable slots, or None (chunks then travel the old way) where the
+    shared-memory file system has too little room for them, with a line saying so."""
+    input_bytes = chunk_size * SLOT_INPUT_BYTES_PER_IMAGE
+    need = ChunkSlots.nbytes(count, chunk_size, image_size, input_bytes)
+    try:
+        stat = os.statvfs(SHARED_MEMORY)
+        room = stat.f_bavail * stat.f_frsize
+    except OSError:
+        room = None
+    if room is not None and need > room // 2:  # a full /dev/shm kills with SIGBUS, not an error
+        print(f"training input: {SHARED_MEMORY} has {room / 2**20:.0f} MiB free, less than twice the "
+              f"{need / 2**20:.0f} MiB the loader's reusable buffers need, so each batch uses a fresh "
+              "segment (slower); give the container more shared memory (docker --shm-size, or a "
+              "memory-backed /dev/shm volume)", file=sys.stderr, flush=True)
+        return None
+    return ChunkSlots(count, chunk_size, image_size, input_bytes)
 
 
 def _mp_context(name: str):

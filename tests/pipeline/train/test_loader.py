@@ -227,3 +227,65 @@ def test_the_loader_leaves_the_global_torch_rng_alone(index):
                 list(loader.epoch(epoch, 2))
                 draws.setdefault(workers, []).append(torch.rand(3))
     assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+
+
+def test_chunks_travel_in_reused_shared_memory_slots(index):
+    base = _epochs(index, 0, [0, 1])
+    with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                     workers=2) as loader:
+        runs = [list(loader.epoch(e, 4)) for e in (0, 1)]
+        in_slots, sent = loader.chunks_in_slots()
+        count = len(loader.slots.outputs)
+        assert count == 2 * 2 + 1  # processes x chunks queued ahead, + the one being copied out
+        assert sent >= 8 and in_slots == sent  # every chunk, both ways, in a slot: none through the pipe
+        assert loader.slots.free() == count  # every slot given back
+    assert _same(runs[0], base[0]) and _same(runs[1], base[1])
+
+
+def test_without_a_slot_or_room_in_it_a_chunk_travels_the_old_way(index, monkeypatch):
+    base = _epochs(index, 0, [0])[0]
+    import pipeline.train.loader as loader_module
+
+    # Bytes too big for the slot's input: through the pipe; the images still come back in the slot.
+    monkeypatch.setattr(loader_module, "SLOT_INPUT_BYTES_PER_IMAGE", 16)
+    with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                     workers=2) as loader:
+        assert _same(list(loader.epoch(0, 4)), base)
+        in_slots, sent = loader.chunks_in_slots()
+        assert in_slots == 0 and sent >= 4 and loader.slots.free() == len(loader.slots.outputs)
+    monkeypatch.undo()
+    # No free slot at all: fresh shared-memory segments, as before the slots.
+    with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                     workers=1) as loader:
+        loader.slots._free.clear()
+        assert _same(list(loader.epoch(0, 4)), base)
+        assert loader.chunks_in_slots()[0] == 0
+
+
+def test_too_little_shared_memory_for_the_slots_is_said_and_the_batches_stay(index, monkeypatch, capsys):
+    import pipeline.train.loader as loader_module
+
+    monkeypatch.setattr(loader_module.ChunkSlots, "nbytes", staticmethod(lambda *a: 2**62))
+    with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                     workers=1) as loader:
+        assert loader.slots is None
+        batches = list(loader.epoch(0, 4))
+    err = capsys.readouterr().err
+    assert "/dev/shm has" in err and "--shm-size" in err and "fresh segment" in err
+    assert _same(batches, _epochs(index, 0, [0])[0])
+
+
+def test_an_abandoned_epoch_loses_no_slot_and_changes_no_batch(index):
+    base = _epochs(index, 0, [0, 1, 2])
+    with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                     workers=2) as loader:
+        epoch0 = loader.epoch(0, 4)
+        assert _same([next(epoch0)], base[0][:1])  # left after one batch: chunks still in flight
+        before = loader.chunks_in_slots()
+        assert _same(list(loader.epoch(1, 4)), base[1])
+        assert _same(list(loader.epoch(2, 4)), base[2])
+        in_slots, sent = loader.chunks_in_slots()
+        # The abandoned chunks' slots were taken back once their processes had finished them:
+        # every later chunk found a slot, and all are free again.
+        assert in_slots - before[0] == sent - before[1] >= 8
+        assert loader.slots.free() == len(loader.slots.outputs)
