@@ -17,7 +17,10 @@ and grain, about 60-100 KB each) in WebDataset shards on local disk.
   decoding while nothing comes out) is printed on its own, as the wait for the first batch.
 
 Printed: img/s of each; per process, the loader's img/s / N / limit (target >= 0.85);
-and 2 processes / 1 process (target >= 1.8x on 2 cores). The limit is measured before
+and 2 processes / 1 process (target >= 1.8x on 2 cores). Then a consumer that behaves
+like a training step on a GPU (it sleeps 1.3 batches' worth of the 1-process rate: no
+CPU, GIL released): the share of the epoch it waits for input, which is the main
+process's own work (reading, packing, copy-out) wherever that runs in the step's thread. The limit is measured before
 and after the loader runs and averaged (and the loader runs ``--rounds`` times, averaged),
 so drifting load on a shared machine shows as a spread, not a bias. CPU time per image
 (the main process's and the loader processes', from /proc) is printed too: it moves less
@@ -136,6 +139,31 @@ def loader_rate(index, workers: int, batch_size: int, steps: int) -> LoaderRun:
         return LoaderRun(got / (end - first), first - start, main_cpu, loaders_cpu, in_slots)
 
 
+def stepped_rate(index, workers: int, batch_size: int, steps: int, step_s: float) -> tuple[float, float]:
+    """Train batches consumed by a step that sleeps ``step_s`` (as a training step waiting
+    on its GPU: no CPU, the GIL released), after a warm-up epoch: (img/s, the share of the
+    epoch spent waiting for the next batch, as the train job's ``input wait``)."""
+    with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
+                     workers=workers) as loader:
+        for _ in loader.epoch(0, 2):
+            pass
+        batches = loader.epoch(1, steps)
+        next(batches)  # the epoch's start is not the steady state (printed above)
+        waited, got = 0.0, 0
+        start = time.perf_counter()
+        while True:
+            t = time.perf_counter()
+            try:
+                _, labels = next(batches)
+            except StopIteration:
+                break
+            waited += time.perf_counter() - t
+            got += len(labels)
+            time.sleep(step_s)
+        seconds = time.perf_counter() - start
+        return got / seconds, waited / seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=768)
@@ -179,6 +207,12 @@ def main() -> None:
             print(f"per process, {workers} process(es): {rate / workers / ref:.2f} of the limit (target >= 0.85); "
                   f"by CPU time, limit / (loader + main) {ref_cpu / sum(cpu[workers]):.2f}")
         print(f"2 processes / 1 process: {rates[2] / rates[1]:.2f}x (target >= 1.8x on 2 cores)")
+        step_s = 1.3 * args.batch_size / rates[1]
+        rate, wait = stepped_rate(index, 1, args.batch_size, steps, step_s)
+        print(f"with a training step of {step_s * 1000:.0f} ms a batch that waits without CPU, as a GPU step does "
+              f"(1 loader process: auto on a 2-CPU GPU worker): input wait {wait:.1%} of the epoch, "
+              f"{rate:.1f} img/s = {rate * step_s / args.batch_size:.2f} of the step's pace (the main process's "
+              "reading, packing and copy-out run in the loader's prefetch thread, beside the step)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

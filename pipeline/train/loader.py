@@ -209,9 +209,9 @@ class ChunkSlots:
         """A free slot for chunk ``ticket``, or -1. Slots of chunks handed out before
         ``round_start`` (an earlier round, which can no longer deliver them) are reclaimed
         once their process has finished them."""
-        if not self._free:
-            self._free = [i for i, held in enumerate(self._holder)
-                          if 0 <= held < round_start and int(self.finished[i]) == held]
+        for i, held in enumerate(self._holder):
+            if 0 <= held < round_start and int(self.finished[i]) == held:
+                self.release(i)
         if not self._free:
             return -1
         slot = self._free.pop(0)
@@ -415,21 +415,30 @@ class TrainLoader:
         chunks = batches(self._raw, self.chunk_size)
 
         def decode(n: int) -> Iterator[DecodedChunk]:
-            """The next ``n`` chunks, decoded; one round of reading and decoding."""
+            """The next ``n`` chunks, decoded; one round of reading and decoding, in a
+            background thread when ``prefetch`` > 0 (see ``_from_processes``)."""
             if self._loader is None:
                 decoded = (augment_chunk(pack_chunk(c), self.image_size) for c in itertools.islice(chunks, n))
-                return prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
-            self._source.chunks, self._source.budget, self._source.round_start = chunks, n, self._source.sent
-            return self._out_of_slots(iter(self._loader))  # persistent processes: a reset, not a restart
+            else:
+                self._source.chunks, self._source.budget, self._source.round_start = chunks, n, self._source.sent
+                decoded = self._from_processes()
+            return prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
 
         self._batches = full_batches(decode, self.chunk_size, self.batch_size, steps, self.skipped, self.rank,
                                      self.world)
         return self._batches
 
-    def _out_of_slots(self, decoded: Iterator[DecodedChunk]) -> Iterator[DecodedChunk]:
-        """The chunks as they come back, each one's images copied out of its slot (one memcpy),
-        which frees the slot for a later chunk."""
-        for chunk in decoded:
+    def _from_processes(self) -> Iterator[DecodedChunk]:
+        """The round's chunks as the loader processes give them back, each one's images
+        copied out of its slot (one memcpy), which frees the slot for a later chunk.
+
+        Whoever iterates this also reads and packs the chunks the DataLoader hands out
+        (``ChunkSource``): about 0.15 ms of CPU an image, 40 ms for a batch of 256, plus
+        the copy-out. With ``prefetch`` > 0 that is the prefetch thread, so it overlaps
+        the training step instead of adding to it (a GPU step leaves the thread idle
+        while it waits for the GPU).
+        """
+        for chunk in iter(self._loader):  # persistent processes: a reset, not a restart
             if chunk.slot >= 0:
                 images = self.slots.outputs[chunk.slot][: len(chunk.labels)].clone()
                 self.slots.release(chunk.slot)
