@@ -96,7 +96,7 @@ def in_process(args, device: torch.device, shards: str, steps: int, workers: int
     e = 0
     # One loader for the run, as a Ray Train worker keeps one: its processes start once.
     with TrainLoader(index, rank=0, world=1, seed=0, batch_size=args.batch_size, image_size=args.image_size,
-                     buffer_size=min(1000, index.total), workers=workers) as loader:
+                     buffer_size=min(1000, index.total), workers=workers, pin_memory=device.type == "cuda") as loader:
         train_epoch(model, loader.epoch(0, min(per_epoch, 3)), optimizer, cfg, 0, per_epoch, device)  # warm-up
         while images < steps * args.batch_size:
             e += 1

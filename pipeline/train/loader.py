@@ -376,6 +376,8 @@ def _check_pass(chunk: DecodedChunk, rep: int, decoded_in_rep: int, skipped: Ski
 
 class TrainLoader:
     """One Ray Train worker's training input for a whole run (the module docstring says how).
+    ``pin_memory`` (for a step on a CUDA GPU) gives batches in page-locked memory, so their
+    copy to the GPU runs beside the step.
 
     ``epoch(e, steps)`` gives epoch ``e``'s batches; ``skipped`` counts the epoch's skipped
     samples. Use as a context manager, or call ``close()``: it stops the loader processes.
@@ -383,9 +385,12 @@ class TrainLoader:
 
     def __init__(self, index: SplitIndex, *, rank: int, world: int, seed: int, batch_size: int,
                  image_size: int, buffer_size: int = 1000, workers: int = 0, prefetch: int = 2,
-                 mp_context: str = "forkserver") -> None:
+                 mp_context: str = "forkserver", pin_memory: bool = False) -> None:
         if workers < 0:
             raise ValueError(f"--loader-workers must be >= 0, got {workers}")
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True is for a training step on a CUDA GPU, and torch sees none here")
+        self.pin_memory = pin_memory
         self.index, self.rank, self.world, self.seed = index, rank, world, seed
         self.batch_size, self.image_size, self.buffer_size = batch_size, image_size, buffer_size
         self.workers, self.prefetch = workers, prefetch
@@ -422,6 +427,8 @@ class TrainLoader:
             else:
                 self._source.chunks, self._source.budget, self._source.round_start = chunks, n, self._source.sent
                 decoded = self._from_processes()
+            if self.pin_memory:
+                decoded = (c._replace(images=_pinned(c.images)) for c in decoded)
             return prefetched(decoded, self.prefetch) if self.prefetch > 0 else decoded
 
         self._batches = full_batches(decode, self.chunk_size, self.batch_size, steps, self.skipped, self.rank,
@@ -440,7 +447,8 @@ class TrainLoader:
         """
         for chunk in iter(self._loader):  # persistent processes: a reset, not a restart
             if chunk.slot >= 0:
-                images = self.slots.outputs[chunk.slot][: len(chunk.labels)].clone()
+                view = self.slots.outputs[chunk.slot][: len(chunk.labels)]
+                images = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin_memory).copy_(view)
                 self.slots.release(chunk.slot)
                 chunk = chunk._replace(images=images, slot=-1)
             yield chunk
@@ -477,6 +485,13 @@ class TrainLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pinned(images: torch.Tensor) -> torch.Tensor:
+    """``images`` in page-locked memory (a copy unless they are already), so the step's
+    ``to(cuda, non_blocking=True)`` overlaps; torch's pinned allocator keeps a block until
+    the copies reading it are done."""
+    return images if images.is_pinned() else images.pin_memory()
 
 
 def _chunk_slots(count: int, chunk_size: int, image_size: int) -> ChunkSlots | None:

@@ -210,8 +210,10 @@ def train_epoch(
         step = epoch * steps_per_epoch + i
         set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, warmup_steps, cfg.schedule))
         scale = spatial_scale(epoch + i / steps_per_epoch, cfg.spatial_loss_start, cfg.spatial_loss_ramp)
-        x = normalize(images.to(device), cfg.mean, cfg.std)
-        labels = labels.to(device)
+        # non_blocking: from pinned batches (TrainLoader(pin_memory=True)) the copy overlaps
+        # the step; on the same stream, the kernels that read it still wait for it.
+        x = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        labels = labels.to(device, non_blocking=True)
         with autocast_for(cfg.precision, device):
             out = model(x)
         if cfg.method == "sat":

@@ -169,7 +169,8 @@ def train_worker(plan: WorkerPlan) -> None:
     # One loader for the run: its processes start once, and stop when training ends or fails.
     with TrainLoader(plan.train_index, rank=rank, world=world, seed=plan.train.seed,
                      batch_size=plan.worker_batch_size, image_size=plan.image_size,
-                     buffer_size=plan.shuffle_buffer, workers=plan.loader_workers) as loader:
+                     buffer_size=plan.shuffle_buffer, workers=plan.loader_workers,
+                     pin_memory=device.type == "cuda") as loader:
         for epoch in range(state["epoch"] + 1, epochs):
             metrics = _worker_epoch(plan, model, optimizer, loader, epoch, rank, world, device)
             state = {"epoch": epoch, "history": state["history"] + [metrics]}

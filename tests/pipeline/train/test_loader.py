@@ -289,3 +289,21 @@ def test_an_abandoned_epoch_loses_no_slot_and_changes_no_batch(index):
         # every later chunk found a slot, and all are free again.
         assert in_slots - before[0] == sent - before[1] >= 8
         assert loader.slots.free() == len(loader.slots.outputs)
+
+
+def test_pinned_batches_need_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: test_pinned_batches_equal_the_unpinned_ones covers it")
+    with pytest.raises(ValueError, match="pin_memory=True is for a training step on a CUDA GPU"):
+        TrainLoader(None, rank=0, world=1, seed=0, batch_size=2, image_size=32, workers=0, pin_memory=True)
+
+
+@pytest.mark.cuda
+def test_pinned_batches_equal_the_unpinned_ones(index):
+    base = _epochs(index, 0, [0])[0]
+    for workers in (0, 2):
+        with TrainLoader(index, rank=0, world=2, seed=5, batch_size=6, image_size=32, buffer_size=7,
+                         workers=workers, pin_memory=True) as loader:
+            batches = list(loader.epoch(0, 4))
+        assert _same(batches, base)
+        assert all(images.is_pinned() for images, _ in batches)
