@@ -173,6 +173,10 @@ def test_rayjob_entrypoints_call_our_jobs_with_valid_flags():
     train_groups = by_kind("RayJob")
     workers = next(d for n, d in train_groups if n == "rayjob-train.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert sum(g["replicas"] for g in workers) == train.num_workers  # one GPU worker per Ray Train worker
+    # Each Ray Train worker takes most of its pod's CPUs, so its loader processes can decode
+    # for the GPU (Ray's default of 1 CPU would leave one process), and the pod has the room.
+    pod_cpus = min(float(c["resources"]["limits"]["cpu"]) for g in workers for c in containers(g["template"]))
+    assert 4 <= train.cpus_per_worker <= pod_cpus - 1
 
 
 def test_nightly_schedules_are_incremental_with_a_fixed_run_id():
