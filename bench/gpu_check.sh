@@ -63,6 +63,8 @@ declare -A STATUS
 
 say "$(date -u +%FT%TZ) python $($PY -c 'import sys; print(sys.version.split()[0])'), $(nproc) cores," \
     "$($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))')"
+# The training loader's slots and fresh segments live in /dev/shm (docs/operations.md, 7).
+say "/dev/shm: $(df -h --output=size,avail /dev/shm 2>/dev/null | tail -1 | xargs echo 'size, free:' || echo 'not found')"
 if [[ $DEVICE == cuda ]] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
     say "torch sees no CUDA GPU: run with --smoke on CPU"
     exit 2
