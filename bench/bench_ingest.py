@@ -40,6 +40,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,13 +119,21 @@ class LoaderRun(NamedTuple):
     in_slots: str  # chunks whose bytes travelled in a shared-memory slot, of all
 
 
+@contextmanager
+def warm_loader(index, workers: int, batch_size: int) -> Iterator[TrainLoader]:
+    """A loader with ``workers`` processes, started by a short warm-up epoch (not timed: a
+    run starts them once)."""
+    with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
+                     workers=workers) as loader:
+        for _ in loader.epoch(0, 2):
+            pass
+        yield loader
+
+
 def loader_rate(index, workers: int, batch_size: int, steps: int) -> LoaderRun:
     """Train batches through the loader with ``workers`` processes, after a warm-up epoch.
     The rate counts from the first batch on (its wait is ``first_batch_s``)."""
-    with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
-                     workers=workers) as loader:
-        for _ in loader.epoch(0, 2):  # starts the processes
-            pass
+    with warm_loader(index, workers, batch_size) as loader:
         pids = loader.loader_pids()
         start = time.perf_counter()
         batches = loader.epoch(1, steps)
@@ -143,10 +153,7 @@ def stepped_rate(index, workers: int, batch_size: int, steps: int, step_s: float
     """Train batches consumed by a step that sleeps ``step_s`` (as a training step waiting
     on its GPU: no CPU, the GIL released), after a warm-up epoch: (img/s, the share of the
     epoch spent waiting for the next batch, as the train job's ``input wait``)."""
-    with TrainLoader(index, rank=0, world=1, seed=0, batch_size=batch_size, image_size=SIZE, buffer_size=256,
-                     workers=workers) as loader:
-        for _ in loader.epoch(0, 2):
-            pass
+    with warm_loader(index, workers, batch_size) as loader:
         batches = loader.epoch(1, steps)
         next(batches)  # the epoch's start is not the steady state (printed above)
         waited, got = 0.0, 0
